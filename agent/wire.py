@@ -1,0 +1,220 @@
+"""The wire format, defined once and imported by both the agent and the collector.
+
+Topics::
+
+    {prefix}/v1/{hub}/{host}/metrics   batched samples, QoS 1, not retained
+    {prefix}/v1/{hub}/{host}/events    UPS status changes and on-battery samples, QoS 1
+    {prefix}/v1/{hub}/{host}/status    retained online / offline / stopped (offline = Last Will)
+    {prefix}/v1/{hub}/{host}/ack       collector -> agent: seqs safely stored
+
+Payload: a JSON envelope, or the same JSON compressed with zlib. A reader tells them
+apart by the first byte: ``{`` is plain JSON (a zlib stream never starts with it).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import zlib
+from dataclasses import dataclass, field
+from types import MappingProxyType
+from typing import Any, Mapping, Union
+
+WIRE_VERSION = 1
+TOPIC_VERSION = "v1"
+KINDS = ("metrics", "events", "status", "ack")
+STATUS_VALUES = ("online", "offline", "stopped")
+
+#: Hub and host identifiers: they become MQTT topic levels and InfluxDB tags.
+ID_PATTERN = re.compile(r"[a-z0-9][a-z0-9_-]{0,62}")
+#: Measurement, tag and field names.
+NAME_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,63}")
+
+#: Limits a reader enforces before it trusts a payload.
+MAX_PAYLOAD_BYTES = 256 * 1024
+MAX_DECOMPRESSED_BYTES = 4 * 1024 * 1024
+
+FieldValue = Union[float, int, bool, str]
+
+
+class WireError(ValueError):
+    """A topic or payload that does not follow the wire format; ``reason`` is a short code."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One measurement taken at one instant: immutable once made.
+
+    ``time_ns`` is fixed when the sample is taken, so a replayed sample lands on the same
+    InfluxDB point (redelivery overwrites, never duplicates).
+    """
+
+    measurement: str
+    time_ns: int
+    tags: Mapping[str, str] = field(default_factory=dict)
+    fields: Mapping[str, FieldValue] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "tags", MappingProxyType(dict(self.tags)))
+        object.__setattr__(self, "fields", MappingProxyType(dict(self.fields)))
+
+    def with_tags(self, **tags: str) -> "Sample":
+        """A copy with ``tags`` added (existing keys overwritten)."""
+        return Sample(self.measurement, self.time_ns, {**self.tags, **tags}, self.fields)
+
+    def to_json(self) -> dict[str, Any]:
+        """The envelope's sample shape: ``{"m", "t", "tags", "f"}``."""
+        return {"m": self.measurement, "t": self.time_ns, "tags": dict(self.tags), "f": dict(self.fields)}
+
+    @classmethod
+    def from_json(cls, obj: Any) -> "Sample":
+        """Parse one sample of an envelope; WireError names what is wrong."""
+        if not isinstance(obj, dict):
+            raise WireError("shape", "a sample must be a JSON object")
+        unknown = set(obj) - {"m", "t", "tags", "f"}
+        if unknown:
+            raise WireError("shape", f"sample has unknown keys {sorted(unknown)}")
+        m, t, tags, fields = obj.get("m"), obj.get("t"), obj.get("tags", {}), obj.get("f")
+        if not isinstance(m, str) or not NAME_PATTERN.fullmatch(m):
+            raise WireError("name", f"measurement name {m!r} is not [a-z][a-z0-9_]{{0,63}}")
+        if not isinstance(t, int) or isinstance(t, bool) or t < 0:
+            raise WireError("time", f"sample time {t!r} is not a non-negative integer of nanoseconds")
+        if not isinstance(tags, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tags.items()):
+            raise WireError("shape", "sample tags must be an object of strings")
+        if not isinstance(fields, dict) or not fields:
+            raise WireError("shape", "sample fields must be a non-empty object")
+        for name, value in fields.items():
+            if not isinstance(value, (bool, int, float, str)):
+                raise WireError("field_type", f"field {name!r} has unsupported value type {type(value).__name__}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise WireError("field_value", f"field {name!r} is not a finite number")
+        return cls(m, t, tags, fields)
+
+
+# --- topics -------------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Topic:
+    prefix: str
+    hub: str
+    host: str
+    kind: str
+
+    def __str__(self) -> str:
+        return f"{self.prefix}/{TOPIC_VERSION}/{self.hub}/{self.host}/{self.kind}"
+
+
+def topic(prefix: str, hub: str, host: str, kind: str) -> str:
+    """Build a topic; ValueError when a part would break the topic tree."""
+    for what, value in (("hub", hub), ("host", host)):
+        if not ID_PATTERN.fullmatch(value):
+            raise ValueError(f"{what} {value!r} does not match {ID_PATTERN.pattern}")
+    if kind not in KINDS:
+        raise ValueError(f"topic kind {kind!r} is not one of {KINDS}")
+    check_prefix(prefix)
+    return str(Topic(prefix, hub, host, kind))
+
+
+def check_prefix(prefix: str) -> None:
+    if not prefix or any(c in prefix for c in "+#\0") or prefix.startswith("/") or prefix.endswith("/"):
+        raise ValueError(f"topic prefix {prefix!r} must be non-empty, without wildcards or outer slashes")
+
+
+def parse_topic(prefix: str, name: str) -> Topic:
+    """Split a received topic into its parts; WireError when it is not one of ours."""
+    head = f"{prefix}/{TOPIC_VERSION}/"
+    if not name.startswith(head):
+        raise WireError("topic", f"topic {name!r} is not under {head!r}")
+    parts = name[len(head):].split("/")
+    if len(parts) != 3:
+        raise WireError("topic", f"topic {name!r} is not {head}HUB/HOST/KIND")
+    hub, host, kind = parts
+    if not ID_PATTERN.fullmatch(hub) or not ID_PATTERN.fullmatch(host):
+        raise WireError("topic", f"topic {name!r} has an invalid hub or host")
+    if kind not in KINDS:
+        raise WireError("topic", f"topic {name!r} has unknown kind {kind!r}")
+    return Topic(prefix, hub, host, kind)
+
+
+def subscription(prefix: str, kind: str, hub: str = "+", host: str = "+") -> str:
+    """A subscription filter, e.g. ``hubwatch/v1/+/+/metrics``."""
+    check_prefix(prefix)
+    return f"{prefix}/{TOPIC_VERSION}/{hub}/{host}/{kind}"
+
+
+# --- envelope -----------------------------------------------------------------------------
+
+@dataclass(frozen=True, slots=True)
+class Envelope:
+    hub: str
+    host: str
+    seq: int
+    sent_at: float
+    samples: tuple[Sample, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"v": WIRE_VERSION, "hub": self.hub, "host": self.host, "seq": self.seq,
+                "sent_at": self.sent_at, "samples": [s.to_json() for s in self.samples]}
+
+
+def encode(envelope: Envelope, compress: bool | None = None) -> bytes:
+    """Serialise an envelope. ``compress=None`` uses zlib only when it is smaller."""
+    plain = json.dumps(envelope.to_json(), separators=(",", ":"), ensure_ascii=False,
+                       allow_nan=False).encode()
+    if compress is False:
+        return plain
+    packed = zlib.compress(plain, 6)
+    if compress or len(packed) < len(plain):
+        return packed
+    return plain
+
+
+def _inflate(payload: bytes) -> bytes:
+    inflater = zlib.decompressobj()
+    try:
+        out = inflater.decompress(payload, MAX_DECOMPRESSED_BYTES + 1)
+    except zlib.error as exc:
+        raise WireError("zlib", f"payload is neither JSON nor valid zlib: {exc}") from None
+    if len(out) > MAX_DECOMPRESSED_BYTES or inflater.unconsumed_tail:
+        raise WireError("too_large", f"payload inflates past {MAX_DECOMPRESSED_BYTES} bytes")
+    if not inflater.eof:
+        raise WireError("zlib", "zlib stream is truncated")
+    return out
+
+
+def decode(payload: bytes) -> Envelope:
+    """Parse a payload into an Envelope; WireError (with a reason code) on anything wrong."""
+    if len(payload) > MAX_PAYLOAD_BYTES:
+        raise WireError("too_large", f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
+    if not payload:
+        raise WireError("shape", "empty payload")
+    text = payload if payload[:1] == b"{" else _inflate(payload)
+    try:
+        obj = json.loads(text, parse_constant=_reject_constant)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise WireError("json", f"payload is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict):
+        raise WireError("shape", "envelope must be a JSON object")
+    if obj.get("v") != WIRE_VERSION:
+        raise WireError("version", f"envelope version {obj.get('v')!r} is not {WIRE_VERSION}")
+    hub, host, seq, sent_at, samples = (obj.get(k) for k in ("hub", "host", "seq", "sent_at", "samples"))
+    if not isinstance(hub, str) or not ID_PATTERN.fullmatch(hub):
+        raise WireError("shape", f"envelope hub {hub!r} is invalid")
+    if not isinstance(host, str) or not ID_PATTERN.fullmatch(host):
+        raise WireError("shape", f"envelope host {host!r} is invalid")
+    if not isinstance(seq, int) or isinstance(seq, bool) or seq < 0:
+        raise WireError("shape", f"envelope seq {seq!r} is not a non-negative integer")
+    if not isinstance(sent_at, (int, float)) or isinstance(sent_at, bool):
+        raise WireError("shape", "envelope sent_at is not a number")
+    if not isinstance(samples, list):
+        raise WireError("shape", "envelope samples is not a list")
+    return Envelope(hub, host, seq, float(sent_at), tuple(Sample.from_json(s) for s in samples))
+
+
+def _reject_constant(name: str) -> None:
+    raise ValueError(f"{name} is not allowed")
