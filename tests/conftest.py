@@ -1,0 +1,44 @@
+"""Shared test fixtures. Real services live in tests/services/, one module each."""
+
+from __future__ import annotations
+
+from typing import Iterable
+
+import pytest
+
+from agent.catalogue import check_sample
+from agent.wire import Sample
+
+pytest_plugins = [
+    "tests.services.mosquitto",
+    "tests.services.influx",
+    "tests.services.nut",
+    "tests.services.snmpsim",
+    "tests.services.victoria",
+]
+
+#: Every sample any probe emitted during this test session (see test_zz_catalogue_coverage).
+EMITTED: list[Sample] = []
+
+
+@pytest.fixture
+def emitted():
+    """Record samples a probe emitted: each must agree with the catalogue.
+
+    Probe tests pass what they got through this, so the catalogue test at the end of the
+    session can check every declared field was emitted by some test.
+    """
+    def record(samples: Iterable[Sample]) -> list[Sample]:
+        samples = list(samples)
+        for sample in samples:
+            problems = check_sample(sample.measurement, sample.tags, sample.fields)
+            assert not problems, f"{sample} disagrees with the catalogue: {problems}"
+        EMITTED.extend(samples)
+        return samples
+    return record
+
+
+def pytest_collection_modifyitems(config, items):
+    # The catalogue coverage check needs every other test to have run first.
+    last = [i for i in items if i.module.__name__.endswith("test_zz_catalogue_coverage")]
+    items[:] = [i for i in items if i not in last] + last

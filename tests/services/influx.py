@@ -1,0 +1,1 @@
+"""pytest fixtures: influx (filled in by its owner)."""

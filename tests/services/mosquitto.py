@@ -1,0 +1,1 @@
+"""pytest fixtures: mosquitto (filled in by its owner)."""

@@ -1,0 +1,1 @@
+"""pytest fixtures: nut (filled in by its owner)."""

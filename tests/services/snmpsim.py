@@ -1,0 +1,1 @@
+"""pytest fixtures: snmpsim (filled in by its owner)."""

@@ -1,0 +1,1 @@
+"""pytest fixtures: victoria (filled in by its owner)."""
