@@ -115,7 +115,26 @@ MEASUREMENTS: Mapping[str, MeasurementSpec] = MappingProxyType({m.name: m for m 
         ("error_kind", "str", "", "Machine-readable reason: timeout, connection_refused, unknown_ups, "
                                   "data_stale, protocol, auth, snmp, exception"),
     ], optional_tags=("target",)),
+    # Written by the collector, never accepted from an agent.
+    _measurement("status", "An agent's connection state, from its retained status topic", (), [
+        ("state", "str", "", "online, offline (Last Will) or stopped (clean stop)"),
+        ("online", "bool", "", "state is online"),
+    ]),
+    _measurement("hubwatch_collector", "A collector instance's own health, every stats interval", ("instance",), [
+        ("received_total", "int", "messages", "MQTT messages received"),
+        ("written_total", "int", "points", "Points written to InfluxDB"),
+        ("rejected_total", "int", "samples", "Messages or samples rejected (per reason with the reason tag)"),
+        ("write_failures_total", "int", "writes", "Batch writes that failed and were retried"),
+        ("seq_gaps_total", "int", "messages", "Messages missing between seqs seen from agents"),
+        ("batch_points", "float", "points", "Points in the last batch written"),
+        ("write_latency_seconds", "float", "s", "Mean time a batch write took"),
+        ("queue_depth", "float", "messages", "Messages received but not yet processed"),
+        ("lag_seconds", "float", "s", "Age of the newest sample in the last batch when written"),
+    ], optional_tags=("reason",)),
 ]})
+
+#: Measurements only the collector writes.
+COLLECTOR_MEASUREMENTS = ("status", "hubwatch_collector")
 
 # Error kinds a probe may report in the agent measurement's error_kind field.
 ERROR_KINDS = ("timeout", "connection_refused", "unreachable", "unknown_ups", "data_stale",
@@ -152,3 +171,25 @@ def check_sample(measurement: str, tags: Mapping[str, str], fields: Mapping[str,
         elif not fspec.accepts(value):
             problems.append(f"{measurement}.{name}: expected {fspec.type}, got {type(value).__name__}")
     return problems
+
+
+def render_markdown() -> str:
+    """The metrics reference (docs/metrics.md), generated so it can never drift."""
+    lines = ["# Metrics reference", "",
+             "Generated from `agent/catalogue.py` (`python -m agent.catalogue > docs/metrics.md`); "
+             "a test keeps them equal.", "",
+             f"Every point carries the tags {', '.join(f'`{t}`' for t in COMMON_TAGS)}. "
+             "Counters end in `_total` and stay raw; gauges are floats; absent values are left out, "
+             "never written as 0.", ""]
+    for spec in MEASUREMENTS.values():
+        tags = [f"`{t}`" for t in spec.tags] + [f"`{t}` (optional)" for t in spec.optional_tags]
+        lines += [f"## `{spec.name}`", "", spec.help + ".", "",
+                  f"Tags: {', '.join(tags) if tags else 'only the common ones'}.", "",
+                  "| field | type | unit | meaning |", "|---|---|---|---|"]
+        lines += [f"| `{f.name}` | {f.type} | {f.unit} | {f.help} |" for f in spec.fields.values()]
+        lines.append("")
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    print(render_markdown(), end="")

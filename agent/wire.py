@@ -218,3 +218,58 @@ def decode(payload: bytes) -> Envelope:
 
 def _reject_constant(name: str) -> None:
     raise ValueError(f"{name} is not allowed")
+
+
+# --- acknowledgements (collector -> agent) ------------------------------------------------
+# Payload: {"v": 1, "ranges": [[first, last], ...]}: the seqs, inclusive ranges, now safely in
+# InfluxDB. Ranges keep an ack small when a backlog of thousands of messages drains.
+
+MAX_ACK_RANGES = 10_000
+
+
+def seq_ranges(seqs: "list[int] | set[int]") -> list[list[int]]:
+    """Collapse seqs into sorted inclusive ``[first, last]`` ranges."""
+    ranges: list[list[int]] = []
+    for seq in sorted(set(seqs)):
+        if ranges and seq == ranges[-1][1] + 1:
+            ranges[-1][1] = seq
+        else:
+            ranges.append([seq, seq])
+    return ranges
+
+
+def encode_ack(seqs: "list[int] | set[int]") -> bytes:
+    return json.dumps({"v": WIRE_VERSION, "ranges": seq_ranges(seqs)}, separators=(",", ":")).encode()
+
+
+def decode_ack(payload: bytes) -> list[tuple[int, int]]:
+    """The acknowledged ``(first, last)`` ranges; WireError when the payload is not an ack."""
+    try:
+        obj = json.loads(payload)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise WireError("json", f"ack is not valid JSON: {exc}") from None
+    if not isinstance(obj, dict) or obj.get("v") != WIRE_VERSION or not isinstance(obj.get("ranges"), list):
+        raise WireError("shape", "ack must be {\"v\": 1, \"ranges\": [[first, last], ...]}")
+    ranges = obj["ranges"]
+    if len(ranges) > MAX_ACK_RANGES:
+        raise WireError("too_large", f"ack has more than {MAX_ACK_RANGES} ranges")
+    out = []
+    for r in ranges:
+        if (not isinstance(r, list) or len(r) != 2 or not all(isinstance(x, int) and not isinstance(x, bool) for x in r)
+                or r[0] < 0 or r[1] < r[0]):
+            raise WireError("shape", f"ack range {r!r} is not [first, last] with 0 <= first <= last")
+        out.append((r[0], r[1]))
+    return out
+
+
+def encode_status(status: str) -> bytes:
+    if status not in STATUS_VALUES:
+        raise ValueError(f"status {status!r} is not one of {STATUS_VALUES}")
+    return status.encode()
+
+
+def decode_status(payload: bytes) -> str:
+    text = payload.decode("ascii", "replace").strip()
+    if text not in STATUS_VALUES:
+        raise WireError("status", f"status {text[:40]!r} is not one of {STATUS_VALUES}")
+    return text

@@ -38,7 +38,14 @@ def emitted():
     return record
 
 
+#: True when this session runs the whole suite (no file, -k or -m selection).
+FULL_SUITE = {"value": False}
+
+
 def pytest_collection_modifyitems(config, items):
     # The catalogue coverage check needs every other test to have run first.
     last = [i for i in items if i.module.__name__.endswith("test_zz_catalogue_coverage")]
     items[:] = [i for i in items if i not in last] + last
+    selected = config.getoption("keyword") or config.getoption("markexpr") or config.getoption("lf", False)
+    explicit = [a for a in config.args if a not in ("tests", "tests/", str(config.rootpath / "tests"))]
+    FULL_SUITE["value"] = not selected and not explicit

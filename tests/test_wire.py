@@ -112,3 +112,22 @@ def test_oversized_payload_is_refused():
     with pytest.raises(WireError) as info:
         decode(b"{" + b" " * wire.MAX_PAYLOAD_BYTES + b"}")
     assert info.value.reason == "too_large"
+
+
+def test_ack_ranges_round_trip():
+    seqs = [5, 1, 2, 3, 9, 10, 7]
+    assert wire.seq_ranges(seqs) == [[1, 3], [5, 5], [7, 7], [9, 10]]
+    assert wire.decode_ack(wire.encode_ack(seqs)) == [(1, 3), (5, 5), (7, 7), (9, 10)]
+
+
+@pytest.mark.parametrize("payload", [b"nope", b'{"v":1}', b'{"v":1,"ranges":[[3,1]]}', b'{"v":1,"ranges":[[-1,2]]}',
+                                     b'{"v":1,"ranges":[[1,true]]}', b'{"v":2,"ranges":[]}'])
+def test_bad_acks_are_rejected(payload):
+    with pytest.raises(WireError):
+        wire.decode_ack(payload)
+
+
+def test_status_values():
+    assert wire.decode_status(wire.encode_status("online")) == "online"
+    with pytest.raises(WireError):
+        wire.decode_status(b"rebooting")

@@ -1,0 +1,329 @@
+"""MQTT -> InfluxDB ingest: acknowledge a message to the broker only once its points are stored.
+
+Flow control is MQTT 5's own: the collector announces a Receive Maximum, so the broker never
+has more than that many unacknowledged QoS 1 messages in flight to it, and since a message is
+acknowledged only after its points are written, an InfluxDB outage stops intake at that
+bound instead of filling memory. The broker keeps the rest in the persistent session.
+
+Threads: paho's network thread only queues what arrives (nothing blocks in a callback); one
+worker thread validates, batches, writes, then acknowledges to the broker and publishes the
+written ``seq``s back to each agent on its ``ack`` topic.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import random
+import threading
+import time
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from agent.wire import WireError, decode, decode_status, encode_ack, parse_topic, subscription, topic
+from collector.config import CollectorConfig
+from collector.deadletter import DeadLetters
+from collector.influx import InfluxRefused, InfluxUnavailable, make_writer
+from collector.lineproto import format_line
+from collector.validate import MessageRejected, check_envelope, convert
+
+log = logging.getLogger(__name__)
+
+SUBSCRIBED_KINDS = ("metrics", "events", "status")
+
+
+@dataclass
+class Incoming:
+    mid: int
+    qos: int
+    topic: str
+    payload: bytes
+    generation: int
+    received_at: float
+
+
+@dataclass
+class Batch:
+    lines: list[str] = field(default_factory=list)
+    messages: list[Incoming] = field(default_factory=list)
+    acks: dict[tuple[str, str], set[int]] = field(default_factory=lambda: defaultdict(set))
+    started: float = 0.0
+    newest_ns: int = 0
+
+    def __len__(self) -> int:
+        return len(self.lines)
+
+
+class Stats:
+    """Counters for the ``hubwatch_collector`` measurement (thread-safe enough: one writer)."""
+
+    def __init__(self) -> None:
+        self.received = 0
+        self.written = 0
+        self.rejected: Counter[str] = Counter()
+        self.write_seconds = 0.0
+        self.writes = 0
+        self.last_batch = 0
+        self.lag_seconds: float | None = None
+        self.seq_gaps = 0
+        self.write_failures = 0
+
+
+class Collector:
+    def __init__(self, config: CollectorConfig):
+        self.config = config
+        self.stats = Stats()
+        self._inbox: queue.Queue[Incoming] = queue.Queue()
+        self._stop = threading.Event()
+        self._generation = 0
+        self._connected = threading.Event()
+        self._fatal: str | None = None
+        self._writer = make_writer(config.influxdb)
+        self._dead = DeadLetters(config.dead_letter.path, config.dead_letter.max_mb)
+        self._highest_seq: dict[tuple[str, str], int] = {}
+        self._client = self._make_client()
+
+    # --- MQTT ------------------------------------------------------------------------------
+    def _make_client(self) -> mqtt.Client:
+        cfg = self.config.mqtt
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, client_id=self.config.client_id,
+                             protocol=mqtt.MQTTv5, manual_ack=True)
+        if cfg.username:
+            client.username_pw_set(cfg.username, cfg.password.reveal() if cfg.password else None)
+        if cfg.tls:
+            client.tls_set(ca_certs=str(cfg.ca_file) if cfg.ca_file else None,
+                           certfile=str(cfg.cert_file) if cfg.cert_file else None,
+                           keyfile=str(cfg.key_file) if cfg.key_file else None)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        client.reconnect_delay_set(1, 30)
+        client.max_inflight_messages_set(100)
+        return client
+
+    def _connect_properties(self) -> Properties:
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = int(self.config.ingest.session_expiry)
+        props.ReceiveMaximum = self.config.ingest.receive_maximum
+        return props
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.error("broker refused the collector's connection: %s", reason_code)
+            if reason_code.value in (134, 135):  # bad user name or password / not authorized
+                self._fatal = f"broker refused the credentials ({reason_code})"
+            return
+        self._generation += 1
+        prefix = self.config.mqtt.topic_prefix
+        subs = [(f"$share/{self.config.share_group}/{subscription(prefix, kind)}", 1) for kind in SUBSCRIBED_KINDS]
+        client.subscribe(subs)
+        log.info("connected to %s:%d (session %s), subscribed in share group %s",
+                 self.config.mqtt.host, self.config.mqtt.port,
+                 "resumed" if flags.session_present else "new", self.config.share_group)
+        self._connected.set()
+
+    def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self._connected.clear()
+        if not self._stop.is_set():
+            log.warning("disconnected from the broker (%s); reconnecting", reason_code)
+
+    def _on_message(self, client, userdata, message) -> None:
+        self._inbox.put(Incoming(message.mid, message.qos, message.topic, message.payload,
+                                 self._generation, time.time()))
+
+    # --- processing ------------------------------------------------------------------------
+    def _reject(self, topic_name: str, reason: str, detail: str, payload: bytes | str | None) -> None:
+        self.stats.rejected[reason] += 1
+        log.warning("rejected %s: %s: %s", topic_name, reason, detail)
+        self._dead.add(topic_name, reason, detail, payload)
+
+    def _take(self, item: Incoming, batch: Batch) -> None:
+        """Validate one message into the batch (its lines, its ack); rejections are counted."""
+        self.stats.received += 1
+        batch.messages.append(item)
+        prefix = self.config.mqtt.topic_prefix
+        try:
+            where = parse_topic(prefix, item.topic)
+        except WireError as exc:
+            self._reject(item.topic, exc.reason, str(exc), item.payload)
+            return
+        if where.kind == "status":
+            try:
+                state = decode_status(item.payload)
+            except WireError as exc:
+                self._reject(item.topic, exc.reason, str(exc), item.payload)
+                return
+            batch.lines.append(format_line("status", {"hub": where.hub, "host": where.host},
+                                           {"state": state, "online": state == "online"},
+                                           int(item.received_at * 1e9)))
+            return
+        if where.kind not in ("metrics", "events"):
+            return
+        try:
+            envelope = decode(item.payload)
+            check_envelope(envelope, where)
+        except (WireError, MessageRejected) as exc:
+            self._reject(item.topic, exc.reason, str(exc), item.payload)
+            return
+        key = (where.hub, where.host)
+        batch.acks[key].add(envelope.seq)
+        highest = self._highest_seq.get(key)
+        if highest is not None and envelope.seq > highest + 1:
+            self.stats.seq_gaps += envelope.seq - highest - 1
+        if highest is None or envelope.seq > highest:
+            self._highest_seq[key] = envelope.seq
+        converted = convert(envelope, where)
+        for rejection in converted.rejections:
+            self._reject(item.topic, rejection.reason, rejection.detail, None)
+        batch.lines.extend(converted.lines)
+        batch.newest_ns = max(batch.newest_ns, converted.newest_ns)
+
+    def _write(self, lines: list[str]) -> bool:
+        """Write until it works or we are told to stop; True when written."""
+        delay = 0.5
+        while True:
+            started = time.monotonic()
+            try:
+                outcome = self._writer.write(lines)
+            except (InfluxUnavailable, InfluxRefused) as exc:
+                self.stats.write_failures += 1
+                log.warning("%s; retrying in %.1fs (%d points held)", exc, delay, len(lines))
+                if self._stop.wait(delay * random.uniform(0.5, 1.0)):
+                    return False
+                delay = min(delay * 2, self.config.ingest.max_retry_delay)
+                continue
+            self.stats.write_seconds += time.monotonic() - started
+            self.stats.writes += 1
+            self.stats.written += outcome.written
+            for rejected in outcome.rejected:
+                self._reject("(influxdb)", rejected.reason, rejected.detail, rejected.line)
+            if outcome.dropped_unidentified:
+                self.stats.rejected["influx_partial"] += outcome.dropped_unidentified
+            return True
+
+    def _flush(self, batch: Batch) -> None:
+        if batch.lines and not self._write(batch.lines):
+            return  # stopping with InfluxDB down: nothing acked, the broker keeps it all
+        self.stats.last_batch = len(batch.lines)
+        if batch.newest_ns:
+            self.stats.lag_seconds = max(0.0, time.time() - batch.newest_ns / 1e9)
+        for item in batch.messages:
+            # A mid is only meaningful on the connection that delivered it; older ones are
+            # redelivered by the broker after a reconnect (and overwrite the same points).
+            if item.qos > 0 and item.generation == self._generation:
+                self._client.ack(item.mid, item.qos)
+        prefix = self.config.mqtt.topic_prefix
+        for (hub, host), seqs in batch.acks.items():
+            self._client.publish(topic(prefix, hub, host, "ack"), encode_ack(seqs), qos=1)
+
+    def _stats_lines(self) -> list[str]:
+        s, now = self.stats, time.time_ns()
+        tags = {"instance": self.config.instance}
+        fields: dict[str, object] = {
+            "received_total": s.received, "written_total": s.written,
+            "rejected_total": sum(s.rejected.values()), "write_failures_total": s.write_failures,
+            "seq_gaps_total": s.seq_gaps, "batch_points": float(s.last_batch),
+            "write_latency_seconds": (s.write_seconds / s.writes) if s.writes else 0.0,
+            "queue_depth": float(self._inbox.qsize()),
+        }
+        if s.lag_seconds is not None:
+            fields["lag_seconds"] = float(s.lag_seconds)
+        lines = [format_line("hubwatch_collector", tags, fields, now)]
+        for reason, count in sorted(s.rejected.items()):
+            lines.append(format_line("hubwatch_collector", {**tags, "reason": reason}, {"rejected_total": count}, now))
+        return lines
+
+    # --- lifecycle -------------------------------------------------------------------------
+    def _ensure_database(self) -> None:
+        cfg = self.config.influxdb
+        if cfg.api != "v1" or not cfg.create_database:
+            return
+        import urllib.request
+        from urllib.parse import urlencode
+        request = urllib.request.Request(f"{cfg.url.rstrip('/')}/query",
+                                         data=urlencode({"q": f'CREATE DATABASE "{cfg.database}"'}).encode())
+        deadline = time.monotonic() + 30
+        while not self._stop.is_set():
+            try:
+                urllib.request.urlopen(request, timeout=cfg.timeout).read()
+                return
+            except OSError as exc:
+                if time.monotonic() > deadline:
+                    log.warning("could not create database %s yet: %s", cfg.database, exc)
+                    return
+                self._stop.wait(1)
+
+    def run(self) -> None:
+        """Ingest until :meth:`stop`; raises RuntimeError if the broker refuses our credentials."""
+        cfg, ingest = self.config, self.config.ingest
+        self._ensure_database()
+        self._client.connect_async(cfg.mqtt.host, cfg.mqtt.port, keepalive=int(cfg.mqtt.keepalive),
+                                   clean_start=False, properties=self._connect_properties())
+        self._client.loop_start()
+        batch = Batch()
+        next_stats = time.monotonic() + ingest.stats_interval
+        try:
+            while not self._stop.is_set():
+                if self._fatal:
+                    raise RuntimeError(self._fatal)
+                timeout = ingest.batch_max_delay if not batch.messages else max(
+                    0.0, batch.started + ingest.batch_max_delay - time.monotonic())
+                try:
+                    item = self._inbox.get(timeout=timeout)
+                except queue.Empty:
+                    item = None
+                if item is not None:
+                    if not batch.messages:
+                        batch.started = time.monotonic()
+                    self._take(item, batch)
+                    # drain what is already waiting without sleeping, up to the batch size
+                    while len(batch) < ingest.batch_max_points:
+                        try:
+                            self._take(self._inbox.get_nowait(), batch)
+                        except queue.Empty:
+                            break
+                due = batch.messages and (len(batch) >= ingest.batch_max_points
+                                          or time.monotonic() >= batch.started + ingest.batch_max_delay)
+                if time.monotonic() >= next_stats:
+                    batch.lines.extend(self._stats_lines())
+                    next_stats = time.monotonic() + ingest.stats_interval
+                    due = True
+                if due:
+                    self._flush(batch)
+                    batch = Batch()
+        finally:
+            self._shutdown(batch)
+
+    def _shutdown(self, batch: Batch) -> None:
+        # Stop intake first, then flush what we hold so it is acked before we leave.
+        try:
+            prefix = self.config.mqtt.topic_prefix
+            self._client.unsubscribe([f"$share/{self.config.share_group}/{subscription(prefix, k)}"
+                                      for k in SUBSCRIBED_KINDS])
+        except Exception:
+            pass
+        while True:
+            try:
+                self._take(self._inbox.get_nowait(), batch)
+            except queue.Empty:
+                break
+        if batch.messages:
+            stopping, self._stop = self._stop, threading.Event()
+            deadline = threading.Timer(10.0, self._stop.set)  # give a down InfluxDB 10 s, no more
+            deadline.start()
+            self._flush(batch)
+            deadline.cancel()
+            self._stop = stopping
+        time.sleep(0.2)  # let the acks leave
+        self._client.disconnect()
+        self._client.loop_stop()
+        self._writer.close()
+        log.info("collector stopped: received=%d written=%d rejected=%d",
+                 self.stats.received, self.stats.written, sum(self.stats.rejected.values()))
+
+    def stop(self) -> None:
+        self._stop.set()
