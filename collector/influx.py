@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import gzip
 import http.client
+import json
 import logging
 import re
 import socket
@@ -60,6 +61,10 @@ def _measurement_and_fields(line: str) -> tuple[str, str]:
 def _split_write(lines: list[str], send: Callable[[list[str]], tuple[int, str]], outcome: WriteOutcome) -> None:
     """Write ``lines``; on a 400 that is not a partial write, bisect to isolate the bad lines."""
     status, body = send(lines)
+    try:  # InfluxDB answers {"error": "..."}; read the message itself
+        body = json.loads(body).get("error", body) if body.startswith("{") else body
+    except ValueError:
+        pass
     if status in (200, 204):
         outcome.written += len(lines)
         return

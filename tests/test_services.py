@@ -69,6 +69,18 @@ def test_queued_message_for_persistent_session_survives_broker_restart(mosquitto
     assert (message.topic, message.payload) == ("hubwatch/v1/hub1/gw01/metrics", b"queued")
 
 
+def test_queued_message_survives_a_broker_crash_after_autosave(mosquitto):
+    session = dict(client_id="collector-1", clean_start=False, session_expiry=300)
+    Subscriber(mosquitto, "hubwatch/v1/#", **session).close()
+    with mosquitto.client() as publisher:
+        assert publisher.publish("hubwatch/v1/hub1/gw01/events", b"on battery", qos=1).value == 0
+    mosquitto.wait_saved()
+    mosquitto.kill()
+    mosquitto.start()
+    with mosquitto.client(**session) as collector:
+        assert [m.payload for m in collector.messages(timeout=5)] == [b"on battery"]
+
+
 def test_killed_broker_starts_again_on_the_same_port(mosquitto):
     port, old_pid = mosquitto.port, mosquitto.pid
     mosquitto.kill()

@@ -80,7 +80,8 @@ class MosquittoBroker:
     """One mosquitto process, its config and persistence in ``config_dir``.
 
     ``stop()`` then ``start()`` brings it back on the same port with the same persistence
-    file (a broker restart); ``kill()`` is a crash (SIGKILL: what was not yet autosaved is lost).
+    file (a broker restart); ``kill()`` is a crash (SIGKILL: what was not yet autosaved is
+    lost; ``wait_saved()`` first to make a crash test deterministic).
     """
 
     def __init__(self, config_dir: Path, *, users: dict[str, str] | None = None, acl: str | None = None,
@@ -171,6 +172,25 @@ class MosquittoBroker:
     def restart(self) -> "MosquittoBroker":
         self.stop()
         return self.start()
+
+    @property
+    def persistence_file(self) -> Path:
+        return self.persistence_dir / "mosquitto.db"
+
+    def _saved_signature(self) -> tuple[int, int] | None:
+        try:
+            stat = self.persistence_file.stat()
+        except FileNotFoundError:
+            return None
+        return stat.st_ino, stat.st_mtime_ns
+
+    def wait_saved(self, timeout: float = 10.0) -> None:
+        """Wait for the next autosave to finish: what the broker acknowledged before this
+        call is then on disk and survives ``kill()``. (mosquitto saves from its one thread,
+        so a save that ends after a PUBACK was sent cannot have started before it.)"""
+        before = self._saved_signature()
+        self.process.wait_until(lambda: self._saved_signature() not in (None, before), timeout,
+                                f"saved to {self.persistence_file}")
 
     def client(self, client_id: str = "", **options) -> "MqttClient":
         """A connected ``MqttClient`` for this broker (see its arguments)."""
