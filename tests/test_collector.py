@@ -113,3 +113,23 @@ def test_three_collectors_share_the_load_exactly_once(tmp_path, mosquitto, influ
     assert all(w >= total * 0.15 for w in shares.values()), f"an instance did not take a real share: {shares}"
     for c in collectors:
         c.stop()
+
+
+def test_api_v2_writes_through_influxdb_client(tmp_path, mosquitto, influx, victoria):
+    start_collector(tmp_path, mosquitto, influx, api="v2", influx_url=victoria.url, instance="v2")
+    now = time.time_ns() - 5 * 10**9
+    samples = [Sample("ups", now, {"ups": "hubups", "source": "snmp"},
+                      {"battery_charge_percent": 64.5, "on_battery": True, "status": "OB"}),
+               Sample("net", now, {"iface": "wlan0"}, {"rx_bytes_total": 123456789})]
+    with mosquitto.subscriber(metrics_topic(kind="ack")) as acks, mosquitto.client() as agent:
+        agent.publish(metrics_topic(), envelope(HUB, HOST, 7, samples))
+        [ack] = acks.messages(timeout=10)
+    assert wire.decode_ack(ack.payload) == [(7, 7)]
+    [charge] = victoria.wait_export('{__name__="ups_battery_charge_percent"}')
+    assert charge["metric"] == {"__name__": "ups_battery_charge_percent", "hub": HUB, "host": HOST,
+                                "ups": "hubups", "source": "snmp"}
+    assert charge["values"] == [64.5] and charge["timestamps"] == [now // 10**6]
+    [on_battery] = victoria.wait_export('{__name__="ups_on_battery"}')
+    assert on_battery["values"] == [1]
+    [rx] = victoria.wait_export('{__name__="net_rx_bytes_total"}')
+    assert rx["values"] == [123456789] and rx["metric"]["iface"] == "wlan0"

@@ -111,11 +111,14 @@ def test_acl_refuses_publishing_outside_the_hubs_topic(mosquitto_factory):
     broker = mosquitto_factory(users={"hub1": "h1", "collector": "c"}, acl=HUB_ACL)
     with broker.subscriber("hubwatch/v1/#", username="collector", password="c") as collector, \
             broker.client("hub1-gw01", username="hub1", password="h1") as hub:
+        # granted although the ACL lets hub1 read only its ack topic: delivery is what is filtered
+        assert hub.subscribe("hubwatch/v1/#", qos=1).value == 1
         assert hub.publish("hubwatch/v1/hub1/gw01/metrics", b"own", qos=1).value == 0
         assert hub.publish("hubwatch/v1/hub2/gw01/metrics", b"forged", qos=1).value == NOT_AUTHORIZED
         assert hub.connected  # refused publish, kept connection
         assert hub.publish("hubwatch/v1/hub1/gw01/events", b"after", qos=1).value == 0
         received = collector.messages(timeout=5, count=2)
+        assert hub.messages(timeout=0.2) == []  # not even its own metrics: no read access
     assert [(m.topic, m.payload) for m in received] == [
         ("hubwatch/v1/hub1/gw01/metrics", b"own"), ("hubwatch/v1/hub1/gw01/events", b"after")]
 

@@ -73,12 +73,15 @@ class MibSpec:
 
 # --- value helpers ------------------------------------------------------------------------
 
-def integer(values: Values, key: OID) -> int | None:
-    """The integer at ``key``, or None when absent, not an integer or an "unknown" sentinel."""
-    value = values.get(key)
+def as_int(value: object) -> int | None:
+    """``value`` as a known integer: None when absent, not an integer or an "unknown" sentinel."""
     if not isinstance(value, int) or isinstance(value, bool) or value in UNKNOWN_SENTINELS:
         return None
     return value
+
+
+def integer(values: Values, key: OID) -> int | None:
+    return as_int(values.get(key))
 
 
 def scaled(raw: int | None, divisor: float, bounds: tuple[float, float]) -> float | None:
@@ -97,7 +100,7 @@ def column(values: Values, col: OID) -> list[tuple[OID, Value]]:
 
 
 def column_ints(values: Values, col: OID) -> list[int | None]:
-    return [integer({(): v}, ()) for _, v in column(values, col)]
+    return [as_int(v) for _, v in column(values, col)]
 
 
 def first_row(values: Values, col: OID, divisor: float, bounds: tuple[float, float]) -> float | None:

@@ -22,10 +22,18 @@ collect messages) and ``Subscriber`` (an ``MqttClient`` subscribed to a topic fi
 Both speak MQTT v5 through paho-mqtt with ``CallbackAPIVersion.VERSION2``.
 
 Behaviour of mosquitto 2.0.11 that tests can rely on (checked in tests/test_services.py):
-a wrong password is refused with CONNACK reason code 134 "Bad user name or password"; a
-QoS 1 publish the ACL denies gets PUBACK reason code 135 "Not authorized" (the client stays
-connected); a QoS 1 message queued for a disconnected persistent session survives a clean
-broker stop/start.
+
+- a wrong password (and an anonymous client when anonymous is off) is refused with CONNACK
+  reason code 135 "Not authorized", not 134 "Bad user name or password";
+- a QoS 1 publish the ACL denies gets PUBACK reason code 135 "Not authorized" and the client
+  stays connected;
+- a QoS 1 publish nobody is subscribed to gets PUBACK 16 "No matching subscribers": a
+  success (``rc.is_failure`` is False), so test success with ``not rc.is_failure``, not ``== 0``;
+- a SUBSCRIBE outside the ACL is still granted (SUBACK = the QoS asked for); the broker just
+  never delivers the messages the ACL hides;
+- a QoS 1 message queued for a disconnected persistent session survives a clean stop/start,
+  and a ``kill()`` after ``wait_saved()``; a ``kill()`` before the next autosave loses it
+  together with the session.
 """
 
 from __future__ import annotations
@@ -228,6 +236,7 @@ class MqttClient:
                  session_expiry: int = 0, timeout: float = 5.0):
         self.host, self.port = (broker.host, broker.port) if isinstance(broker, MosquittoBroker) else broker
         self.timeout = timeout
+        self.client_id = client_id  # "" lets the broker assign one
         self._paho = Client(CallbackAPIVersion.VERSION2, client_id=client_id, protocol=MQTTProtocolVersion.MQTTv5,
                             reconnect_on_failure=False)
         if username is not None:
@@ -260,10 +269,6 @@ class MqttClient:
         except BaseException:
             self.close()
             raise
-
-    @property
-    def client_id(self) -> str:
-        return self._paho._client_id.decode()
 
     @property
     def paho(self) -> Client:

@@ -49,6 +49,8 @@ UPSC = Path(shutil.which("upsc") or "/usr/bin/upsc")
 
 #: dummy-ups will not take these from a data file: it owns them.
 _DRIVER_OWNED = ("driver.", "server.")
+#: upsd's longest value (ST_MAX_VALUE_LEN less its terminating NUL)
+_MAX_VALUE_LEN = 127
 
 
 def nut_available() -> bool:
@@ -70,8 +72,17 @@ def _quoted(value: str) -> str:
 
 
 def served_view(variables: Mapping[str, str]) -> dict[str, str]:
-    """What upsd will serve of a data file's variables (the ones dummy-ups passes through)."""
-    return {k: v for k, v in variables.items() if not k.startswith(_DRIVER_OWNED) and v != ""}
+    """What upsd will serve of a data file's variables, as it will serve them.
+
+    dummy-ups keeps its own ``driver.*`` and mirrors ``ups.mfr``/``ups.model``/``ups.serial``
+    into ``device.*``; upsd keeps printable ASCII and at most 127 characters of a value.
+    """
+    served = {}
+    for name, value in variables.items():
+        if name.startswith(_DRIVER_OWNED + ("device.",)) or value == "":
+            continue
+        served[name] = "".join(c for c in value if " " <= c <= "~")[:_MAX_VALUE_LEN]
+    return served
 
 
 @dataclass
@@ -108,14 +119,15 @@ class NutServer:
         return {"NUT_CONFPATH": str(self.root), "NUT_STATEPATH": str(self.root),
                 "NUT_ALTPIDPATH": str(self.root)}
 
-    def write_config(self, devices: Mapping[str, Mapping[str, str]]) -> None:
+    def write_config(self, devices: Mapping[str, Mapping[str, str]], keep_drivers: bool = False) -> None:
         self.root.mkdir(parents=True, exist_ok=True)
         _write(self.root / "nut.conf", "MODE=standalone\n")
         sections = []
         for name, variables in devices.items():
             dev_path = self.root / f"{name}.dev"
-            self.ups[name] = _Ups(name, dev_path, dict(variables), self._driver(name))
-            self._write_dev(self.ups[name])
+            if not (keep_drivers and name in self.ups):
+                self.ups[name] = _Ups(name, dev_path, dict(variables), self._driver(name))
+                self._write_dev(self.ups[name])
             sections.append(f"[{name}]\n\tdriver = dummy-ups\n\tport = {dev_path}\n"
                             f"\tmode = dummy-once\n\tpollinterval = 1\n\tdesc = \"hubwatch test {name}\"\n")
         _write(self.root / "ups.conf", "\n".join(sections))
@@ -192,12 +204,45 @@ class NutServer:
             else:
                 ups.variables[key] = value
         self._write_dev(ups)
-        wanted = {k: v for k, v in changes.items() if v is not None}
+        wanted = served_view({k: v for k, v in changes.items() if v is not None})
         self.wait_served(name, wanted, timeout)
         gone = [k for k, v in changes.items() if v is None]
         if gone:
             _wait(lambda: not set(gone) & set(self.served(name) or {k: "" for k in gone}), timeout,
                   [ups.driver, self.upsd])
+
+    def add_ups(self, name: str, source: Path | Mapping[str, str], timeout: float = 15.0) -> None:
+        """Declare one more UPS, start its driver and make upsd load the new ups.conf."""
+        devices = {ups.name: ups.variables for ups in self.ups.values()}
+        devices[name] = load_dev(source)
+        self.write_config(devices, keep_drivers=True)  # the running drivers stay as they are
+        self.ups[name].driver.start()
+        self.reload()
+        self.wait_served(name, served_view(self.ups[name].variables), timeout)
+
+    def set_users(self, users: Mapping[str, NutUser]) -> None:
+        """Replace upsd.users and make upsd reload it."""
+        self.users = dict(users)
+        self.write_config({ups.name: ups.variables for ups in self.ups.values()}, keep_drivers=True)
+        self.reload()
+
+    def reload(self) -> None:
+        """SIGHUP: upsd re-reads its config files (as ``upsd -c reload`` does)."""
+        assert self.upsd is not None
+        self.upsd.signal(signal.SIGHUP)
+
+    def stop_upsd(self) -> None:
+        assert self.upsd is not None
+        self.upsd.stop(timeout=3)
+
+    def start_upsd(self, timeout: float = 15.0) -> None:
+        """Start upsd again (same port, same drivers) and wait until it serves every UPS."""
+        self.upsd = ServiceProcess("upsd", [str(UPSD), "-F", "-u", _user()], self.root, self.env)
+        self.upsd.start()
+        self.upsd.wait_for_port(self.port, timeout)
+        for ups in self.ups.values():
+            if ups.driver.running:
+                self.wait_served(ups.name, served_view(ups.variables), timeout)
 
     def kill_driver(self, name: str) -> None:
         """SIGKILL one driver: upsd then answers ERR DRIVER-NOT-CONNECTED (or DATA-STALE)."""
@@ -269,29 +314,50 @@ def load_dev(source: Path | Mapping[str, str]) -> dict[str, str]:
     return parse_upsc_dump(Path(source).read_text(errors="replace"))
 
 
-@pytest.fixture
-def nut_server() -> Iterator[Callable[..., NutServer]]:
-    """Factory: ``nut_server({name: dev path or variables}, users=..., maxage=..., tls=...)``."""
-    if not nut_available():
-        pytest.skip("NUT (nut-server, nut-client) is not installed: /lib/nut/upsd, dummy-ups, upsc")
-    started: list[NutServer] = []
-    dirs: list[str] = []
+class NutServers:
+    """Starts NUT servers and, at :meth:`close`, stops every one of them and their files."""
 
-    def start(devices: Mapping[str, Path | Mapping[str, str]], users: Mapping[str, NutUser] | None = None,
-              maxage: int = 15, tls: NssCert | None = None, timeout: float = 30.0) -> NutServer:
-        root = tempfile.mkdtemp(prefix="nut")  # short: the driver sockets live here
-        dirs.append(root)
-        server = NutServer(Path(root), free_port(), dict(users or {}), maxage, tls)
-        started.append(server)
+    def __init__(self) -> None:
+        self._started: list[NutServer] = []
+
+    def __call__(self, devices: Mapping[str, Path | Mapping[str, str]], users: Mapping[str, NutUser] | None = None,
+                 maxage: int = 15, tls: NssCert | None = None, port: int | None = None,
+                 timeout: float = 30.0) -> NutServer:
+        root = Path(tempfile.mkdtemp(prefix="nut"))  # short: the driver sockets live here
+        server = NutServer(root, port or free_port(), dict(users or {}), maxage, tls)
+        self._started.append(server)
         server.write_config({name: load_dev(src) for name, src in devices.items()})
         return server.start(timeout)
 
-    yield start
-    for server in started:
-        server.stop()
-        server.kill()
-    for root in dirs:
-        shutil.rmtree(root, ignore_errors=True)
+    def close(self) -> None:
+        for server in self._started:
+            try:
+                server.stop()
+            finally:
+                server.kill()
+                shutil.rmtree(server.root, ignore_errors=True)
+
+
+def _servers() -> Iterator[NutServers]:
+    if not nut_available():
+        pytest.skip("NUT (nut-server, nut-client) is not installed: /lib/nut/upsd, dummy-ups, upsc")
+    servers = NutServers()
+    try:
+        yield servers
+    finally:
+        servers.close()
+
+
+@pytest.fixture
+def nut_server() -> Iterator[NutServers]:
+    """Factory: ``nut_server({name: dev path or variables}, users=, maxage=, tls=, port=)``."""
+    yield from _servers()
+
+
+@pytest.fixture(scope="module")
+def nut_server_module() -> Iterator[NutServers]:
+    """The same factory, its servers shared by one test module (many UPS start in seconds)."""
+    yield from _servers()
 
 
 @pytest.fixture(scope="session")
