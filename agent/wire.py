@@ -74,26 +74,35 @@ class Sample:
     @classmethod
     def from_json(cls, obj: Any) -> "Sample":
         """Parse one sample of an envelope; WireError names what is wrong."""
-        if not isinstance(obj, dict):
-            raise WireError("shape", "a sample must be a JSON object")
-        unknown = set(obj) - {"m", "t", "tags", "f"}
-        if unknown:
-            raise WireError("shape", f"sample has unknown keys {sorted(unknown)}")
-        m, t, tags, fields = obj.get("m"), obj.get("t"), obj.get("tags", {}), obj.get("f")
-        if not isinstance(m, str) or not NAME_PATTERN.fullmatch(m):
-            raise WireError("name", f"measurement name {m!r} is not [a-z][a-z0-9_]{{0,63}}")
-        if not isinstance(t, int) or isinstance(t, bool) or t < 0:
-            raise WireError("time", f"sample time {t!r} is not a non-negative integer of nanoseconds")
-        if not isinstance(tags, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in tags.items()):
-            raise WireError("shape", "sample tags must be an object of strings")
-        if not isinstance(fields, dict) or not fields:
-            raise WireError("shape", "sample fields must be a non-empty object")
+        m, t, tags, fields = check_sample_shape(obj)
         for name, value in fields.items():
             if not isinstance(value, (bool, int, float, str)):
                 raise WireError("field_type", f"field {name!r} has unsupported value type {type(value).__name__}")
             if isinstance(value, float) and not math.isfinite(value):
                 raise WireError("field_value", f"field {name!r} is not a finite number")
         return cls(m, t, tags, fields)
+
+
+def check_sample_shape(obj: Any) -> tuple[str, int, dict[str, str], dict[str, Any]]:
+    """The parts of one raw sample ``{"m", "t", "tags", "f"}`` after checking its shape
+    (field values are left to the caller). WireError names what is wrong."""
+    if type(obj) is not dict:
+        raise WireError("shape", "a sample must be a JSON object")
+    if len(obj) > 4 or not obj.keys() <= _SAMPLE_KEYS:
+        raise WireError("shape", f"sample has unknown keys {sorted(set(obj) - _SAMPLE_KEYS)}")
+    m, t, tags, fields = obj.get("m"), obj.get("t"), obj.get("tags", {}), obj.get("f")
+    if type(m) is not str or not NAME_PATTERN.fullmatch(m):
+        raise WireError("name", f"measurement name {m!r} is not [a-z][a-z0-9_]{{0,63}}")
+    if type(t) is not int or t < 0:
+        raise WireError("time", f"sample time {t!r} is not a non-negative integer of nanoseconds")
+    if type(tags) is not dict or not all(type(k) is str and type(v) is str for k, v in tags.items()):
+        raise WireError("shape", "sample tags must be an object of strings")
+    if type(fields) is not dict or not fields:
+        raise WireError("shape", "sample fields must be a non-empty object")
+    return m, t, tags, fields
+
+
+_SAMPLE_KEYS = frozenset({"m", "t", "tags", "f"})
 
 
 # --- topics -------------------------------------------------------------------------------
@@ -187,8 +196,20 @@ def _inflate(payload: bytes) -> bytes:
     return out
 
 
-def decode(payload: bytes) -> Envelope:
-    """Parse a payload into an Envelope; WireError (with a reason code) on anything wrong."""
+@dataclass(frozen=True, slots=True)
+class RawEnvelope:
+    """An envelope whose header is checked and whose samples are still raw JSON objects
+    (the collector validates and converts them in one pass)."""
+
+    hub: str
+    host: str
+    seq: int
+    sent_at: float
+    samples: list[Any]
+
+
+def decode_raw(payload: bytes) -> RawEnvelope:
+    """Parse a payload's envelope header; WireError (with a reason code) on anything wrong."""
     if len(payload) > MAX_PAYLOAD_BYTES:
         raise WireError("too_large", f"payload of {len(payload)} bytes exceeds {MAX_PAYLOAD_BYTES}")
     if not payload:
@@ -213,7 +234,13 @@ def decode(payload: bytes) -> Envelope:
         raise WireError("shape", "envelope sent_at is not a number")
     if not isinstance(samples, list):
         raise WireError("shape", "envelope samples is not a list")
-    return Envelope(hub, host, seq, float(sent_at), tuple(Sample.from_json(s) for s in samples))
+    return RawEnvelope(hub, host, seq, float(sent_at), samples)
+
+
+def decode(payload: bytes) -> Envelope:
+    """Parse a payload into an Envelope of Samples; WireError (with a reason code) on anything wrong."""
+    raw = decode_raw(payload)
+    return Envelope(raw.hub, raw.host, raw.seq, raw.sent_at, tuple(Sample.from_json(s) for s in raw.samples))
 
 
 def _reject_constant(name: str) -> None:

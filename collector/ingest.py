@@ -24,12 +24,12 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
-from agent.wire import WireError, decode, decode_status, encode_ack, parse_topic, subscription, topic
+from agent.wire import WireError, decode_raw, decode_status, encode_ack, parse_topic, subscription, topic
 from collector.config import CollectorConfig
 from collector.deadletter import DeadLetters
 from collector.influx import InfluxRefused, InfluxUnavailable, make_writer
 from collector.lineproto import format_line
-from collector.validate import MessageRejected, check_envelope, convert
+from collector.validate import Converter, MessageRejected, check_envelope
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +85,7 @@ class Collector:
         self._writer = make_writer(config.influxdb)
         self._dead = DeadLetters(config.dead_letter.path, config.dead_letter.max_mb)
         self._highest_seq: dict[tuple[str, str], int] = {}
+        self._converter = Converter()
         self._client = self._make_client()
 
     # --- MQTT ------------------------------------------------------------------------------
@@ -164,7 +165,7 @@ class Collector:
         if where.kind not in ("metrics", "events"):
             return
         try:
-            envelope = decode(item.payload)
+            envelope = decode_raw(item.payload)
             check_envelope(envelope, where)
         except (WireError, MessageRejected) as exc:
             self._reject(item.topic, exc.reason, str(exc), item.payload)
@@ -176,7 +177,7 @@ class Collector:
             self.stats.seq_gaps += envelope.seq - highest - 1
         if highest is None or envelope.seq > highest:
             self._highest_seq[key] = envelope.seq
-        converted = convert(envelope, where)
+        converted = self._converter.convert(envelope.samples, where)
         for rejection in converted.rejections:
             self._reject(item.topic, rejection.reason, rejection.detail, None)
         batch.lines.extend(converted.lines)
@@ -217,8 +218,8 @@ class Collector:
             if item.qos > 0 and item.generation == self._generation:
                 self._client.ack(item.mid, item.qos)
         prefix = self.config.mqtt.topic_prefix
-        for (hub, host), seqs in batch.acks.items():
-            self._client.publish(topic(prefix, hub, host, "ack"), encode_ack(seqs), qos=1)
+        self._ack_infos = [self._client.publish(topic(prefix, hub, host, "ack"), encode_ack(seqs), qos=1)
+                           for (hub, host), seqs in batch.acks.items()]
 
     def _stats_lines(self) -> list[str]:
         s, now = self.stats, time.time_ns()
@@ -299,13 +300,9 @@ class Collector:
             self._shutdown(batch)
 
     def _shutdown(self, batch: Batch) -> None:
-        # Stop intake first, then flush what we hold so it is acked before we leave.
-        try:
-            prefix = self.config.mqtt.topic_prefix
-            self._client.unsubscribe([f"$share/{self.config.share_group}/{subscription(prefix, k)}"
-                                      for k in SUBSCRIBED_KINDS])
-        except Exception:
-            pass
+        # Intake stops here. The subscriptions stay in the persistent session, so the broker
+        # keeps queueing for this instance while it restarts; what was received but not yet
+        # acknowledged is redelivered on the next connection. Flush what we hold, then ack.
         while True:
             try:
                 self._take(self._inbox.get_nowait(), batch)
@@ -318,7 +315,11 @@ class Collector:
             self._flush(batch)
             deadline.cancel()
             self._stop = stopping
-        time.sleep(0.2)  # let the acks leave
+        for info in getattr(self, "_ack_infos", []):  # let the last acks to agents leave
+            try:
+                info.wait_for_publish(2.0)
+            except (RuntimeError, ValueError):
+                break
         self._client.disconnect()
         self._client.loop_stop()
         self._writer.close()

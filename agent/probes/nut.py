@@ -114,28 +114,33 @@ def parse_vars(variables: Mapping[str, str]) -> tuple[dict[str, float], str | No
 
 
 _INLINE_COMMENT = re.compile(r"[ \t]#")
+_NOTE_ONLY = re.compile(r"#[A-Z][A-Z_-]*:")  # a DDL note where the value should be ("#BAD: ...")
 
 
 def parse_upsc_dump(text: str) -> dict[str, str]:
     """Variables of an ``upsc`` dump (a NUT DDL ``.dev`` file): ``name: value`` lines.
 
-    ``#`` starts a comment at the start of a line or after a blank (the DDL's ``#BAD:`` and
-    ``#COMMENT:`` notes follow values that way); ``#`` inside a value (``####``) is kept.
-    Lines that are not ``name: value`` (``TIMER`` of sequence files, stray text) are skipped.
+    ``#`` starts a comment at the start of a line or after a blank within the value (the
+    DDL's ``#BAD:`` and ``#COMMENT:`` notes follow values that way); a value that is only such
+    a note is empty; ``#`` inside a value (``####``) is kept. Lines that are not
+    ``name: value`` (``TIMER`` of sequence files, stray text) are skipped.
     """
     variables: dict[str, str] = {}
     for line in text.splitlines():
         stripped = line.strip()
         if not stripped or stripped.startswith("#"):
             continue
-        comment = _INLINE_COMMENT.search(line)
-        if comment is not None:
-            line = line[:comment.start()]
         name, sep, value = line.partition(":")
         name = name.strip()
         if not sep or not name or any(c.isspace() for c in name):
             continue
-        variables[name] = value.strip()
+        value = value.strip()
+        if _NOTE_ONLY.match(value):
+            value = ""
+        comment = _INLINE_COMMENT.search(value)
+        if comment is not None:
+            value = value[:comment.start()].rstrip()
+        variables[name] = value
     return variables
 
 
@@ -398,7 +403,7 @@ class _Connection:
             words = _words(line)
             if words == ["END", "LIST", "VAR", ups]:
                 return variables
-            if len(words) != 4 or words[0] != "VAR" or words[1] != ups:
+            if words is None or len(words) != 4 or words[0] != "VAR" or words[1] != ups:
                 raise _Broken("protocol", f"LIST VAR {ups}: unexpected line {_shorten(line)!r}")
             if len(variables) >= _MAX_VARS:
                 raise _Broken("protocol", f"LIST VAR {ups}: more than {_MAX_VARS} variables")
@@ -444,9 +449,9 @@ class NutProbe:
     def parse_config(cls, parent: Section, key: str) -> "NutProbe.Config":
         targets: list[UpsTarget] = []
         seen: set[str] = set()
-        sections = parent.sections(key)
-        if not sections and parent.has(key):
+        if parent.raw(key, None) == []:
             parent.problem(key, "lists no UPS (give at least one {name: ...})")
+        sections = parent.sections(key)
         for section in sections:
             target = _parse_target(section)
             if target is None:
