@@ -131,10 +131,26 @@ MEASUREMENTS: Mapping[str, MeasurementSpec] = MappingProxyType({m.name: m for m 
         ("queue_depth", "float", "messages", "Messages received but not yet processed"),
         ("lag_seconds", "float", "s", "Age of the newest sample in the last batch when written"),
     ], optional_tags=("reason",)),
+    _measurement("outage", "One outage, keyed by its start time (so a recomputation overwrites it)", ("kind",), [
+        ("duration_seconds", "float", "s", "Length so far (ongoing) or in all"),
+        ("end_seconds", "float", "s", "End, seconds since the epoch (absent while ongoing)"),
+        ("ongoing", "bool", "", "Not over yet"),
+        ("cause", "str", "", "mains_failure, uplink, battery_exhausted, agent_silent, unclean_restart, ..."),
+        ("min_battery_charge_percent", "float", "%", "Lowest UPS charge seen during a power outage"),
+        ("blip", "bool", "", "A power outage shorter than outages.min_power_s (reported apart)"),
+    ], optional_tags=("ups",)),
+    _measurement("alert", "An alert's transitions: firing, re-notified, resolved", ("rule", "severity"), [
+        ("state", "str", "", "firing or resolved"),
+        ("message", "str", "", "What is wrong, in words"),
+        ("value", "float", "", "The value that crossed the threshold (unit per rule)"),
+    ], optional_tags=("ups",)),
 ]})
 
 #: Measurements only the collector writes.
-COLLECTOR_MEASUREMENTS = ("status", "hubwatch_collector")
+COLLECTOR_MEASUREMENTS = ("status", "hubwatch_collector", "outage", "alert")
+
+#: outage kinds
+OUTAGE_KINDS = ("power", "hub_dark", "uplink", "host_down", "reboot")
 
 # Error kinds a probe may report in the agent measurement's error_kind field.
 ERROR_KINDS = ("timeout", "connection_refused", "unreachable", "unknown_ups", "data_stale",

@@ -9,6 +9,7 @@ unknown (-1) or outside what the MIB or physics allows must be absent, never a n
 from __future__ import annotations
 
 import json
+import socket
 import subprocess
 import sys
 import time
@@ -145,9 +146,8 @@ def expected_apc(rec) -> dict:
     b = "1.3.6.1.4.1.318.1.1.1."
 
     def pick(high, adv, low, top):
-        return within(div(known(rec.get(o(b + high))), 10), low, top) \
-            if within(div(known(rec.get(o(b + high))), 10), low, top) is not None \
-            else within(known(rec.get(o(b + adv))), low, top)
+        precise = within(div(known(rec.get(o(b + high))), 10), low, top)
+        return precise if precise is not None else within(known(rec.get(o(b + adv))), low, top)
 
     fields = {
         "battery_charge_percent": pick("2.3.1.0", "2.2.1.0", 0, 100),
@@ -302,7 +302,7 @@ def test_wrong_community_fails_alone_and_the_probe_keeps_going(probe_for, emitte
 
 
 def test_nothing_listening_is_an_error_sample_within_the_timeout(probe_for, emitted, sim):
-    probe = probe_for({"name": "gone", "port": free_port(__import__("socket").SOCK_DGRAM),
+    probe = probe_for({"name": "gone", "port": free_port(socket.SOCK_DGRAM),
                        "timeout": "0.3s", "retries": 1})
     started = time.monotonic()
     samples = emitted(probe.collect())
