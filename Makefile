@@ -33,10 +33,10 @@ $(VENV)/.installed: pyproject.toml
 
 snmpsim: $(SNMPSIM_VENV)/.installed
 
-$(SNMPSIM_VENV)/.installed:
+$(SNMPSIM_VENV)/.installed: Makefile
 	mkdir -p $(dir $(SNMPSIM_VENV))
 	test -x $(SNMPSIM_VENV)/bin/python || /usr/bin/python3 -m venv $(SNMPSIM_VENV)
-	$(SNMPSIM_VENV)/bin/pip install -q snmpsim snmpsim-data pysmi
+	$(SNMPSIM_VENV)/bin/pip install -q snmpsim snmpsim-data pysmi cryptography
 	chmod -R a+rX $(dir $(SNMPSIM_VENV))
 	touch $@
 

@@ -110,11 +110,29 @@ MEASUREMENTS: Mapping[str, MeasurementSpec] = MappingProxyType({m.name: m for m 
         ("plugged", "bool", "", "On mains power"),
         ("runtime_seconds", "float", "s", "Time left on battery (absent when plugged or unknown)"),
     ]),
-    _measurement("agent", "The agent itself: one point per probe that failed in a cycle", ("probe",), [
-        ("error", "str", "", "What went wrong, in words"),
+    _measurement("agent", "The agent itself: one point per probe that failed in a cycle (tagged `probe`), "
+                          "and one point per cycle, without `probe`, on its outbox and delivery", (), [
+        ("error", "str", "", "What went wrong, in words (points tagged `probe`)"),
         ("error_kind", "str", "", "Machine-readable reason: timeout, connection_refused, unknown_ups, "
                                   "data_stale, protocol, auth, snmp, exception"),
-    ], optional_tags=("target",)),
+        ("outbox_samples", "float", "samples", "Samples held in the outbox, not yet confirmed by the collector"),
+        ("outbox_messages", "float", "messages", "Messages sent or ready to send, waiting for the collector's ack"),
+        ("outbox_bytes", "float", "B", "Size of the outbox on disk (database and WAL)"),
+        ("outbox_oldest_age_seconds", "float", "s", "Age of the oldest sample held (absent when empty)"),
+        ("dropped_samples_total", "int", "samples", "Oldest samples deleted because the outbox hit buffer.max_mb"),
+        ("lost_samples_total", "int", "samples", "Samples that could not be recovered from a corrupt outbox"),
+        ("time_unknown_samples_total", "int", "samples",
+         "Samples from an earlier boot whose clock was never trusted, at impossible times, dropped"),
+        ("probe_errors_total", "int", "errors", "Probe failures (each also reported as a `probe` point)"),
+        ("messages_published_total", "int", "messages", "Publishes the broker acknowledged (PUBACK success)"),
+        ("publish_errors_total", "int", "messages", "Publishes the MQTT client refused (rc != 0); retried"),
+        ("publish_rejected_total", "int", "messages",
+         "Publishes the broker refused (PUBACK reason >= 128, e.g. not authorised); retried"),
+        ("messages_resent_total", "int", "messages", "Messages sent again, not confirmed by the collector in time"),
+        ("messages_acked_total", "int", "messages", "Messages the collector confirmed written to InfluxDB"),
+        ("mqtt_connected", "bool", "", "Connected to the broker when the point was taken"),
+        ("clock_trusted", "bool", "", "Wall clock trusted (synchronised, no unsettled jump)"),
+    ], optional_tags=("probe", "target")),
     # Written by the collector, never accepted from an agent.
     _measurement("status", "An agent's connection state, from its retained status topic", (), [
         ("state", "str", "", "online, offline (Last Will) or stopped (clean stop)"),

@@ -34,6 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
                       help="run every configured probe once, print each sample as a JSON line, exit")
     mode.add_argument("--check", action="store_true",
                       help="validate the config: exit 0, or print every problem and exit 2")
+    mode.add_argument("--status", action="store_true",
+                      help="print the outbox's depth, oldest sample age, size, dropped count and last "
+                           "acknowledged seq (read-only; works while the agent runs)")
     parser.add_argument("--version", action="version", version=f"hubwatch-agent {__version__}")
     add_logging_arguments(parser)
     return parser
@@ -50,20 +53,58 @@ def context_for(config: AgentConfig) -> ProbeContext:
 
 
 def run_forever(config: AgentConfig, stop: threading.Event) -> None:
-    """Probe every interval until ``stop`` is set, writing samples as JSON lines.
+    """Probe every interval until ``stop`` is set: samples go through the outbox to MQTT."""
+    from agent.agent import Agent
 
-    Publishing through the durable outbox over MQTT replaces the stdout sink once it lands.
-    """
-    runner = ProbeRunner(config, context_for(config))
-    log.info("agent started: hub=%s host=%s interval=%gs probes=%s",
-             config.hub, config.host, config.interval, ",".join(runner.names))
+    agent = Agent(config)
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(signum, lambda *_: (stop.set(), agent.request_stop()))
+    agent.run(stop)
+
+
+def _age(seconds: float) -> str:
+    seconds = int(seconds)
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            parts.append(f"{seconds // size}{unit}")
+            seconds %= size
+    parts.append(f"{seconds}s")
+    return " ".join(parts[:2])
+
+
+def print_status(config: AgentConfig, out=sys.stdout) -> int:
+    """``--status``: what an engineer asks first at a silent hub."""
+    import time
+
+    from agent.outbox import OutboxError, read_stats
+
     try:
-        while not stop.is_set():
-            print_samples(runner.run_once())
-            stop.wait(config.interval)
-    finally:
-        runner.close()
-        log.info("agent stopped")
+        stats = read_stats(config.buffer.path)
+    except OutboxError as exc:
+        print(f"hubwatch-agent: {exc}", file=sys.stderr)
+        return 1
+    c = stats.counters
+    if stats.oldest_t_ns is None:
+        oldest = "none (the outbox is empty)"
+    else:
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(stats.oldest_t_ns / 1e9))
+        oldest = f"{_age(max(0.0, time.time() - stats.oldest_t_ns / 1e9))} ago ({when})"
+    acked = "none yet" if stats.last_acked_seq is None else str(stats.last_acked_seq)
+    lines = [
+        f"outbox:               {config.buffer.path}",
+        f"samples waiting:      {stats.samples} ({stats.pending} not yet in a message, "
+        f"{stats.messages} messages awaiting the collector's ack)",
+        f"oldest sample:        {oldest}",
+        f"size:                 {stats.file_bytes / 2**20:.2f} MB of {config.buffer.max_mb:g} MB cap",
+        f"dropped at the cap:   {c.get('dropped_samples_total', 0)}",
+        f"lost (corrupt file):  {c.get('lost_samples_total', 0)}",
+        f"last acknowledged seq: {acked} (next seq {stats.next_seq})",
+        f"published / acked:    {c.get('messages_published_total', 0)} / {c.get('messages_acked_total', 0)} messages "
+        f"({c.get('publish_rejected_total', 0)} refused by the broker)",
+    ]
+    out.write("\n".join(lines) + "\n")
+    return 0
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -87,11 +128,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         finally:
             runner.close()
         return 0
+    if args.status:
+        return print_status(config)
+    from agent.outbox import OutboxError
+
     stop = threading.Event()
     for signum in (signal.SIGTERM, signal.SIGINT):
         signal.signal(signum, lambda *_: stop.set())
     try:
         run_forever(config, stop)
+    except OutboxError as exc:
+        log.error("%s", exc)
+        return 1
     except Exception:
         log.exception("agent failed")
         return 1

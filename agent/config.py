@@ -15,7 +15,7 @@ from urllib.parse import urlsplit
 
 from agent import probes
 from agent.confload import Secret, Section, load_config_file, read_config
-from agent.wire import ID_PATTERN, check_prefix
+from agent.wire import ID_PATTERN, MAX_DECOMPRESSED_BYTES, check_prefix
 
 DEFAULT_CONFIG_PATH = "/etc/hubwatch/agent.yaml"
 
@@ -33,12 +33,34 @@ class MqttConfig:
     cert_file: Path | None = None
     key_file: Path | None = None
     keepalive: float = 60.0
+    session_expiry: float = 86400.0   # the broker keeps our session (and queued acks) this long
+    reconnect_min: float = 1.0        # reconnect backoff: doubles from min to max, with jitter
+    reconnect_max: float = 60.0
+    auth_retry: float = 300.0         # after the broker refused the credentials
 
 
 @dataclass(frozen=True)
 class BufferConfig:
     path: Path = Path("/var/lib/hubwatch/outbox.db")
     max_mb: float = 256.0
+    batch_max_samples: int = 1000     # a message carries at most this many samples...
+    batch_max_bytes: int = 256 * 1024  # ...and this much JSON before compression
+    batch_max_age: float = 0.0        # 0: a message every cycle; more batches cycles (fewer bytes)
+    resend_after: float = 60.0        # sent but not confirmed by the collector: send again (doubling)
+
+
+@dataclass(frozen=True)
+class PublishConfig:
+    window: int = 20                  # messages in flight (waiting for a PUBACK)
+    max_unconfirmed: int = 200        # messages the broker has but the collector has not confirmed
+    flush_timeout: float = 3.0        # on SIGTERM, time spent sending what is left
+
+
+@dataclass(frozen=True)
+class ClockConfig:
+    require_sync: bool | str = "auto"  # hold samples while the kernel says the clock is unsynchronised
+    max_step: float = 1.0             # a wall-clock jump larger than this makes the clock untrusted...
+    settle: float = 30.0              # ...until it has been steady this long (or NTP says synced)
 
 
 @dataclass(frozen=True)
@@ -56,6 +78,9 @@ class AgentConfig:
     buffer: BufferConfig
     probes: tuple[ProbeSetting, ...]
     probe_timeout: float
+    ups_poll: float = 2.0             # UPS probes are read this often for power events
+    publish: PublishConfig = PublishConfig()
+    clock: ClockConfig = ClockConfig()
 
 
 def default_host() -> str:
@@ -103,6 +128,10 @@ def parse_mqtt(section: Section) -> MqttConfig:
         password=section.secret("password"),
         topic_prefix=prefix or MqttConfig.topic_prefix,
         keepalive=section.duration("keepalive", MqttConfig.keepalive, minimum=5, maximum=3600),
+        session_expiry=section.duration("session_expiry", MqttConfig.session_expiry, minimum=0, maximum=2**32 - 2),
+        reconnect_min=section.duration("reconnect_min", MqttConfig.reconnect_min, minimum=0.1, maximum=3600),
+        reconnect_max=section.duration("reconnect_max", MqttConfig.reconnect_max, minimum=0.1, maximum=86400),
+        auth_retry=section.duration("auth_retry", MqttConfig.auth_retry, minimum=1, maximum=86400),
         **files,
     )
 
@@ -117,8 +146,34 @@ def _build(root: Section) -> AgentConfig:
     buffer = BufferConfig(
         path=buffer_section.path_value("path", str(BufferConfig.path)),
         max_mb=buffer_section.float("max_mb", BufferConfig.max_mb, minimum=1),
+        batch_max_samples=buffer_section.int("batch_max_samples", BufferConfig.batch_max_samples,
+                                             minimum=1, maximum=100_000),
+        batch_max_bytes=buffer_section.int("batch_max_bytes", BufferConfig.batch_max_bytes,
+                                           minimum=1024, maximum=MAX_DECOMPRESSED_BYTES // 2),
+        batch_max_age=buffer_section.duration("batch_max_age", BufferConfig.batch_max_age, minimum=0, maximum=3600),
+        resend_after=buffer_section.duration("resend_after", BufferConfig.resend_after, minimum=0.1, maximum=86400),
     )
     buffer_section.done()
+    publish_section = root.section("publish")
+    publish = PublishConfig(
+        window=publish_section.int("window", PublishConfig.window, minimum=1, maximum=1000),
+        max_unconfirmed=publish_section.int("max_unconfirmed", PublishConfig.max_unconfirmed, minimum=1,
+                                            maximum=100_000),
+        flush_timeout=publish_section.duration("flush_timeout", PublishConfig.flush_timeout, minimum=0, maximum=60),
+    )
+    publish_section.done()
+    clock_section = root.section("clock")
+    require_sync = clock_section.raw("require_sync", ClockConfig.require_sync)
+    if require_sync != "auto" and not isinstance(require_sync, bool):
+        clock_section.problem("require_sync", f"expected true, false or auto, got {require_sync!r}")
+        require_sync = ClockConfig.require_sync
+    clock = ClockConfig(
+        require_sync=require_sync,
+        max_step=clock_section.duration("max_step", ClockConfig.max_step, minimum=0.01, maximum=3600),
+        settle=clock_section.duration("settle", ClockConfig.settle, minimum=0, maximum=86400),
+    )
+    clock_section.done()
+    ups_poll = root.duration("ups_poll", 2.0, minimum=0.1, maximum=3600)
 
     probe_section = root.section("probes")
     settings = []
@@ -139,7 +194,8 @@ def _build(root: Section) -> AgentConfig:
     order = list(probes.REGISTRY)
     settings.sort(key=lambda s: order.index(s.name))
     return AgentConfig(hub=hub, host=host, interval=interval, mqtt=mqtt, buffer=buffer,
-                       probes=tuple(settings), probe_timeout=probe_timeout)
+                       probes=tuple(settings), probe_timeout=probe_timeout, ups_poll=ups_poll,
+                       publish=publish, clock=clock)
 
 
 def load(path: str | os.PathLike[str], environ: dict[str, str] | None = None) -> AgentConfig:

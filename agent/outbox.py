@@ -551,6 +551,10 @@ class Outbox:
         """
         if not reading.trusted:
             return []
+        conn = self._conn
+        has_events = conn.execute("SELECT 1 FROM pending WHERE kind = 'events' LIMIT 1").fetchone() is not None
+        if not has_events and not (force and self.has_pending()) and not self._metrics_due(reading):
+            return []  # nothing to do: no transaction, no disk write
         made: list[tuple[int, str]] = []
         with self._txn() as conn:
             self._note_clock(reading, seen_synced)
@@ -680,11 +684,22 @@ class Outbox:
         return acked
 
     # --- reading state ------------------------------------------------------------------
+    def has_pending(self) -> bool:
+        return self._conn.execute("SELECT 1 FROM pending LIMIT 1").fetchone() is not None
+
+    def last_row_id(self) -> int:
+        """The id of the last sample ever committed (ids are never reused)."""
+        row = self._conn.execute("SELECT seq FROM sqlite_sequence WHERE name = 'pending'").fetchone()
+        return row[0] if row else 0
+
     def file_bytes(self) -> int:
         return sum(os.path.getsize(p) for p in (self.path, Path(f"{self.path}-wal")) if os.path.exists(p))
 
     def stats(self) -> OutboxStats:
-        return _stats(self._conn, self.path)
+        stats = _stats(self._conn, self.path)
+        for key, n in self._staged.items():  # counted, not yet written
+            stats.counters[key] = stats.counters.get(key, 0) + n
+        return stats
 
     def close(self) -> None:
         if self._conn is not None:

@@ -94,13 +94,11 @@ class MqttSession:
         self._connected = threading.Event()
         self._attempt = 0
         self._auth_refused = False
-        self._status_mid: int | None = None
-        self._stopped_acked = threading.Event()
-        self._lock = threading.Lock()
         self.connects = 0
 
         client = Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
                         protocol=MQTTProtocolVersion.MQTTv5, reconnect_on_failure=True)
+        self.client = client
         if config.username is not None:
             client.username_pw_set(config.username, config.password.reveal() if config.password else None)
         if config.tls:
@@ -124,7 +122,6 @@ class MqttSession:
         properties.SessionExpiryInterval = int(session_expiry_s)
         client.connect_async(config.host, config.port, keepalive=int(config.keepalive), clean_start=False,
                              properties=properties)
-        self.client = client
 
     # --- lifecycle (main thread) -----------------------------------------------------------
     def start(self) -> None:
@@ -146,9 +143,11 @@ class MqttSession:
         if self.connected:
             info = self.client.publish(self.topics["status"], wire.encode_status("stopped"), qos=1, retain=True)
             if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS:
-                with self._lock:
-                    self._status_mid = info.mid
-                sent = self._stopped_acked.wait(timeout)
+                try:
+                    info.wait_for_publish(timeout)
+                except (RuntimeError, ValueError):
+                    pass
+                sent = info.is_published()
         if not sent:
             log.warning("could not publish status 'stopped' (broker unreachable); the broker's "
                         "Last Will says 'offline'")
@@ -160,9 +159,10 @@ class MqttSession:
 
     # --- paho callbacks (network thread): record and hand over, never block ---------------
     def _set_delay(self, seconds: float) -> None:
-        self.client_delay = seconds
-        if hasattr(self, "client"):
-            self.client.reconnect_delay_set(seconds, seconds)
+        # paho waits reconnect_delay before each new attempt; pinning min = max to our own
+        # (jittered) choice keeps its loop but makes the policy ours.
+        self.reconnect_delay = seconds
+        self.client.reconnect_delay_set(seconds, seconds)
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
@@ -214,10 +214,6 @@ class MqttSession:
         self.events.put(Disconnected(str(reason_code)))
 
     def _on_publish(self, client, userdata, mid, reason_code, properties) -> None:
-        with self._lock:
-            if mid == self._status_mid:
-                self._stopped_acked.set()
-                return
         self.events.put(PubAck(mid, int(reason_code.value), str(reason_code)))
 
     def _on_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
@@ -259,7 +255,7 @@ class Sender:
         self.resend_max = resend_max
         self.retry_after = retry_after
         self.clock = clock
-        self.in_flight: dict[int, tuple[int, float]] = {}   # mid -> (seq, sent at)
+        self.in_flight: dict[int, tuple[int, float, str]] = {}   # mid -> (seq, sent at, kind)
         self.flying_seqs: set[int] = set()
         self.awaiting_ack: dict[int, _Sent] = {}            # seq -> PUBACKed, not yet confirmed
         self.retry: dict[int, _Sent] = {}                   # seq -> refused, retry at .due
@@ -275,16 +271,16 @@ class Sender:
             entry = self.in_flight.pop(event.mid, None)
             if entry is None:
                 return []
-            seq, _ = entry
+            seq, _, kind = entry
             self.flying_seqs.discard(seq)
             attempts = self.awaiting_ack.get(seq, self.retry.get(seq, _Sent(0, 0))).attempts + 1
             self.retry.pop(seq, None)
             if event.reason_code >= 128:
                 self.stats.rejected += 1
                 self.outbox.count("publish_rejected_total")
-                self._log_refusal(f"broker refused message seq {seq} on {self.session.topics['metrics'].rsplit('/', 1)[0]}"
-                                  f"/…: PUBACK {event.reason_code} ({event.reason}); kept in the outbox, retrying "
-                                  f"in {self.retry_after:g}s")
+                self._log_refusal(kind, f"broker refused the publish of seq {seq} to {self.session.topics[kind]}: "
+                                        f"PUBACK {event.reason_code} ({event.reason}); the message stays in the "
+                                        f"outbox and is retried every {self.retry_after:g}s (check the broker's ACL)")
                 self.retry[seq] = _Sent(self.clock() + self.retry_after, attempts)
                 return []
             self.stats.published += 1
@@ -304,16 +300,28 @@ class Sender:
                 self.retry.pop(seq, None)
             return acked
         if isinstance(event, Connected):
-            # paho sends again what was in flight on the old connection (same mids).
+            # paho sends again what was in flight on the old connection (same mids): their
+            # PUBACKs are due from now, not from when they were first sent.
+            now = self.clock()
+            self.in_flight = {mid: (seq, now, kind) for mid, (seq, _, kind) in self.in_flight.items()}
             return []
         return []
 
-    def _log_refusal(self, text: str) -> None:
+    def _log_refusal(self, kind: str, text: str) -> None:
+        # One line a minute per topic: clear, without flooding the log during a long refusal.
         now = self.clock()
-        key = text.split(":", 1)[1] if ":" in text else text
-        if now - self.log_refusals.get(key, -1e9) >= 60:
+        if now - self.log_refusals.get(kind, -1e9) >= 60:
             log.error(text)
-            self.log_refusals[key] = now
+            self.log_refusals[kind] = now
+
+    def reset(self) -> None:
+        """Forget everything (the outbox was replaced): send all it holds again, from the start."""
+        self.in_flight.clear()
+        self.flying_seqs.clear()
+        self.awaiting_ack.clear()
+        self.retry.clear()
+        self.priority.clear()
+        self.cursor = 0
 
     def forget(self, seqs: list[int]) -> None:
         for seq in seqs:
@@ -374,14 +382,14 @@ class Sender:
         if resend:
             self.stats.resent += 1
             self.outbox.count("messages_resent_total")
-        self.in_flight[mid] = (message.seq, now)
+        self.in_flight[mid] = (message.seq, now, message.kind)
         self.flying_seqs.add(message.seq)
         return 1
 
     def _expire_in_flight(self, now: float) -> None:
         """A PUBACK that never came (a connection that died without paho noticing): give the slot back."""
         limit = max(30.0, self.resend_after)
-        for mid, (seq, at) in list(self.in_flight.items()):
+        for mid, (seq, at, _) in list(self.in_flight.items()):
             if now - at > limit:
                 del self.in_flight[mid]
                 self.flying_seqs.discard(seq)

@@ -24,6 +24,7 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from agent import sdnotify
 from agent.wire import WireError, decode_raw, decode_status, encode_ack, parse_topic, subscription, topic
 from collector.config import CollectorConfig
 from collector.deadletter import DeadLetters
@@ -87,6 +88,7 @@ class Collector:
         self._highest_seq: dict[tuple[str, str], int] = {}
         self._converter = Converter()
         self._client = self._make_client()
+        self._heartbeat = sdnotify.Heartbeat()  # systemd's WatchdogSec=, when set
 
     # --- MQTT ------------------------------------------------------------------------------
     def _make_client(self) -> mqtt.Client:
@@ -193,7 +195,7 @@ class Collector:
             except (InfluxUnavailable, InfluxRefused) as exc:
                 self.stats.write_failures += 1
                 log.warning("%s; retrying in %.1fs (%d points held)", exc, delay, len(lines))
-                if self._stop.wait(delay * random.uniform(0.5, 1.0)):
+                if self._heartbeat.wait(self._stop, delay * random.uniform(0.5, 1.0)):
                     return False
                 delay = min(delay * 2, self.config.ingest.max_retry_delay)
                 continue
@@ -265,12 +267,19 @@ class Collector:
         self._client.connect_async(cfg.mqtt.host, cfg.mqtt.port, keepalive=int(cfg.mqtt.keepalive),
                                    clean_start=False, properties=self._connect_properties())
         self._client.loop_start()
+        sdnotify.status(f"connecting to {cfg.mqtt.host}:{cfg.mqtt.port}")
         batch = Batch()
         next_stats = time.monotonic() + ingest.stats_interval
+        ready = False
         try:
             while not self._stop.is_set():
                 if self._fatal:
                     raise RuntimeError(self._fatal)
+                self._heartbeat.beat()
+                if not ready and self._connected.is_set():
+                    # Subscribed (on_connect succeeded): from here on the unit counts as started.
+                    sdnotify.ready(f"ingesting from {cfg.mqtt.host}:{cfg.mqtt.port}")
+                    ready = True
                 timeout = ingest.batch_max_delay if not batch.messages else max(
                     0.0, batch.started + ingest.batch_max_delay - time.monotonic())
                 try:
@@ -291,6 +300,8 @@ class Collector:
                                           or time.monotonic() >= batch.started + ingest.batch_max_delay)
                 if time.monotonic() >= next_stats:
                     batch.lines.extend(self._stats_lines())
+                    sdnotify.status(f"received {self.stats.received}, written {self.stats.written}, "
+                                    f"rejected {sum(self.stats.rejected.values())}")
                     next_stats = time.monotonic() + ingest.stats_interval
                     due = True
                 if due:
@@ -303,6 +314,7 @@ class Collector:
         # Intake stops here. The subscriptions stay in the persistent session, so the broker
         # keeps queueing for this instance while it restarts; what was received but not yet
         # acknowledged is redelivered on the next connection. Flush what we hold, then ack.
+        sdnotify.stopping()
         while True:
             try:
                 self._take(self._inbox.get_nowait(), batch)

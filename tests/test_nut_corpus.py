@@ -29,12 +29,16 @@ def corpus_files() -> list[Path]:
 
 
 def coverage() -> tuple[int, Counter]:
-    """(number of dumps, dumps yielding each ups field)."""
+    """(number of dumps, dumps yielding each ups field; ``("unusable", field)``: dumps that
+    have the variable but no value the probe keeps)."""
     counts: Counter = Counter()
     files = corpus_files()
     for path in files:
-        gauges, status = parse_vars(parse_upsc_dump(path.read_text(errors="replace")))
-        counts.update(gauges)
+        variables = parse_upsc_dump(path.read_text(errors="replace"))
+        gauges, status = parse_vars(variables)
+        counts.update(gauges.keys())
+        counts.update(("unusable", f) for f, (names, _lo, _hi) in VARIABLE_MAP.items()
+                      if f not in gauges and any(variables.get(n, "") != "" for n in names))
         if status is not None:
             counts["status"] += 1
             counts.update(name for name, on in status_flags(status).items() if on)
@@ -42,12 +46,14 @@ def coverage() -> tuple[int, Counter]:
 
 
 def render_table(total: int, counts: Counter) -> str:
-    lines = [f"Of the {total} dumps in the NUT device library, how many yield each field:", "",
-             "| field | from | dumps | share |", "|---|---|---:|---:|"]
+    lines = [f"Of the {total} dumps in the NUT device library, how many yield each field (and how many",
+             "have the variable with a value that is left out: not a number, or out of bounds):", "",
+             "| field | from | dumps | share | left out |", "|---|---|---:|---:|---:|"]
     for field in GAUGE_FIELDS:
         names = " or ".join(f"`{n}`" for n in VARIABLE_MAP[field][0])
-        lines.append(f"| `{field}` | {names} | {counts[field]} | {100 * counts[field] / total:.0f}% |")
-    lines.append(f"| `status` | `ups.status` | {counts['status']} | {100 * counts['status'] / total:.0f}% |")
+        lines.append(f"| `{field}` | {names} | {counts[field]} | {100 * counts[field] / total:.0f}% "
+                     f"| {counts[('unusable', field)]} |")
+    lines.append(f"| `status` | `ups.status` | {counts['status']} | {100 * counts['status'] / total:.0f}% | |")
     flags = ", ".join(f"`{f}` {counts[f]}" for f in ("on_line", "on_battery", "charging", "discharging",
                                                      "low_battery", "replace_battery", "overload"))
     lines += ["", f"Status flags set in the recorded dumps: {flags}."]

@@ -333,12 +333,20 @@ def live_selection() -> dict[str, Path]:
     return {f"ddl{i:02d}": path for i, path in enumerate(chosen)}
 
 
+#: UPS the module's server adds to the device dumps; each test that changes one has its own.
+SPARE_UPS = ("changing", "steady", "authups")
+USERS = {"monitor": NutUser("right horse", "secondary"), "viewer": NutUser("viewpass", None)}
+
+
 @pytest.fixture(scope="module")
 def ddl_server(nut_server_module):
+    """One upsd for the module: the chosen device dumps plus a few spare UPS (a server start
+    costs dummy-ups about three seconds, so tests share it where they can)."""
     if not CORPUS.is_dir():
         pytest.skip(f"device library not found at {CORPUS}")
     selection = live_selection()
-    return nut_server_module(selection), selection
+    server = nut_server_module({**selection, **{name: GOOD for name in SPARE_UPS}}, users=USERS)
+    return server, selection
 
 
 @pytest.mark.services
@@ -378,48 +386,50 @@ def test_one_connection_serves_every_ups_and_is_kept_between_cycles(ddl_server, 
     server, selection = ddl_server
     names = list(selection)[:5]
     probe = make_probe([{"name": name, "port": server.port} for name in names])
+
+    def local_ends() -> list:
+        return [c.laddr for c in psutil.Process().net_connections(kind="tcp")
+                if c.raddr and c.raddr.port == server.port and c.status == psutil.CONN_ESTABLISHED]
     assert set(collect(probe, emitted)[0]) == set(names)
-    assert connections_to(server.port) == 1
-    local = [c.laddr for c in psutil.Process().net_connections(kind="tcp") if c.raddr and c.raddr.port == server.port]
+    first = local_ends()
+    assert len(first) == 1
     assert set(collect(probe, emitted)[0]) == set(names)
-    assert [c.laddr for c in psutil.Process().net_connections(kind="tcp")
-            if c.raddr and c.raddr.port == server.port] == local
+    assert local_ends() == first
     probe.close()
-    assert connections_to(server.port) == 0
+    assert local_ends() == []
 
 
 @pytest.mark.services
-def test_status_change_during_the_test_shows_in_the_next_sample(nut_server, make_probe, emitted):
-    server = nut_server({"hubups": GOOD, "other": GOOD})
-    probe = make_probe([{"name": "hubups", "port": server.port}, {"name": "other", "port": server.port}])
-    before = collect(probe, emitted)[0]["hubups"].fields
+def test_status_change_during_the_test_shows_in_the_next_sample(ddl_server, make_probe, emitted):
+    server, _ = ddl_server
+    probe = make_probe([{"name": "changing", "port": server.port}, {"name": "steady", "port": server.port}])
+    before = collect(probe, emitted)[0]["changing"].fields
     assert (before["on_line"], before["charging"], before["on_battery"], before["discharging"]) == \
         (True, True, False, False)
     assert before["battery_charge_percent"] == 87.0
 
-    server.set_vars("hubups", {"ups.status": "OB DISCHRG", "battery.charge": "64", "battery.runtime": "900"})
+    server.set_vars("changing", {"ups.status": "OB DISCHRG", "battery.charge": "64", "battery.runtime": "900"})
     ups, errors = collect(probe, emitted)
-    after = ups["hubups"].fields
+    after = ups["changing"].fields
     assert not errors
     assert after["status"] == "OB DISCHRG"
     assert (after["on_battery"], after["discharging"], after["charging"], after["on_line"]) == \
         (True, True, False, False)
     assert (after["battery_charge_percent"], after["battery_runtime_seconds"]) == (64.0, 900.0)
-    assert ups["other"].fields["on_line"] is True
+    assert ups["steady"].fields["on_line"] is True
 
-    server.set_vars("hubups", {"ups.status": "OB DISCHRG LB", "battery.charge": "-1", "battery.runtime": "unknown"})
-    after = collect(probe, emitted)[0]["hubups"].fields
+    server.set_vars("changing", {"ups.status": "OB DISCHRG LB", "battery.charge": "-1", "battery.runtime": "unknown"})
+    after = collect(probe, emitted)[0]["changing"].fields
     assert after["low_battery"] is True
     assert "battery_charge_percent" not in after and "battery_runtime_seconds" not in after
     assert after["input_voltage_volts"] == 229.5
 
 
 @pytest.mark.services
-def test_password_is_checked_only_when_login_asks_for_it(nut_server, make_probe, emitted, tmp_path):
+def test_password_is_checked_only_when_login_asks_for_it(ddl_server, make_probe, emitted, tmp_path):
+    server, _ = ddl_server
     (secret := tmp_path / "pw").write_text("right horse\n")
-    server = nut_server({"hubups": GOOD}, users={"monitor": NutUser("right horse", "secondary"),
-                                                 "viewer": NutUser("viewpass", None)})
-    common = {"ups": "hubups", "port": server.port}
+    common = {"ups": "authups", "port": server.port}
     probe = make_probe([
         {"name": "right", "username": "monitor", "password_file": str(secret), "login": True, **common},
         {"name": "wrong", "username": "monitor", "password": "badpass123", "login": True, **common},
@@ -433,62 +443,75 @@ def test_password_is_checked_only_when_login_asks_for_it(nut_server, make_probe,
     assert "ACCESS-DENIED" in errors["wrong"].fields["error"]
     assert "badpass123" not in errors["wrong"].fields["error"]
 
-    # Fixed on the server (the viewer gets upsmon rights): the next cycle logs in.
-    server.set_users({"monitor": NutUser("right horse", "secondary"), "viewer": NutUser("viewpass", "secondary")})
-    deadline = time.monotonic() + 10
-    while True:
-        ups, errors = collect(probe, emitted)
-        if "norights" in ups or time.monotonic() > deadline:
-            break
-        time.sleep(0.2)
-    assert set(ups) == {"right", "unchecked", "norights"} and set(errors) == {"wrong"}
+    # Fixed on the server (the viewer gets upsmon rights): a later cycle logs in.
+    server.set_users({**USERS, "viewer": NutUser("viewpass", "secondary")})
+    try:
+        deadline = time.monotonic() + 10
+        while True:
+            ups, errors = collect(probe, emitted)
+            if "norights" in ups or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        assert set(ups) == {"right", "unchecked", "norights"} and set(errors) == {"wrong"}
+    finally:
+        server.set_users(USERS)
 
 
 @pytest.mark.services
-def test_unknown_ups_is_reported_and_does_not_hide_the_good_one(nut_server, make_probe, emitted):
-    server = nut_server({"hubups": GOOD})
-    probe = make_probe([{"name": "hubups", "port": server.port}, {"name": "spare", "port": server.port},
-                        {"name": "last", "ups": "hubups", "port": server.port}])
+def test_unknown_ups_is_reported_and_does_not_hide_the_good_one(ddl_server, make_probe, emitted):
+    server, _ = ddl_server
+    probe = make_probe([{"name": "steady", "port": server.port}, {"name": "added", "port": server.port},
+                        {"name": "last", "ups": "steady", "port": server.port}])
     ups, errors = collect(probe, emitted)
-    assert set(ups) == {"hubups", "last"}
-    assert errors["spare"].fields["error_kind"] == "unknown_ups"
-    assert "UNKNOWN-UPS" in errors["spare"].fields["error"]
+    assert set(ups) == {"steady", "last"}
+    assert errors["added"].fields["error_kind"] == "unknown_ups"
+    assert "UNKNOWN-UPS" in errors["added"].fields["error"]
     assert connections_to(server.port) == 1  # an ERR answer leaves the connection usable
 
-    server.add_ups("spare", {**GOOD, "ups.status": "OB DISCHRG", "battery.charge": "41"})
+    server.add_ups("added", {**GOOD, "ups.status": "OB DISCHRG", "battery.charge": "41"})
     ups, errors = collect(probe, emitted)
-    assert not errors and ups["spare"].fields["battery_charge_percent"] == 41.0
+    assert not errors and ups["added"].fields["battery_charge_percent"] == 41.0
+
+
+@pytest.mark.services
+def test_starttls_refused_by_upsd_without_a_certificate(ddl_server, make_probe, emitted):
+    server, _ = ddl_server
+    probe = make_probe([{"name": "steady", "port": server.port, "starttls": True}])
+    errors = collect(probe, emitted)[1]
+    assert errors["steady"].fields["error_kind"] == "protocol"
+    assert "STARTTLS" in errors["steady"].fields["error"]
 
 
 @pytest.mark.services
 def test_dead_and_stale_drivers_are_reported_and_recover(nut_server, make_probe, emitted):
-    server = nut_server({"hubups": GOOD, "second": GOOD, "third": GOOD}, maxage=3)
-    probe = make_probe([{"name": n, "port": server.port} for n in ("hubups", "second", "third")])
-    assert set(collect(probe, emitted)[0]) == {"hubups", "second", "third"}
+    server = nut_server({"hubups": GOOD, "dead": GOOD, "stale": GOOD}, maxage=3)
+    probe = make_probe([{"name": n, "port": server.port} for n in ("hubups", "dead", "stale")])
+    assert set(collect(probe, emitted)[0]) == {"hubups", "dead", "stale"}
 
-    server.kill_driver("second")  # kill -9: upsd loses the driver's socket at once
-    server.pause_driver("third")  # SIGSTOP: no answer to upsd's pings, stale after MAXAGE
+    server.kill_driver("dead")  # kill -9: upsd loses the driver's socket at once
+    server.pause_driver("stale")  # SIGSTOP: no answer to upsd's pings, stale after MAXAGE
     ups, errors = collect(probe, emitted)
-    assert set(ups) == {"hubups", "third"}
-    assert errors["second"].fields["error_kind"] == "data_stale"
-    assert "DRIVER-NOT-CONNECTED" in errors["second"].fields["error"]
+    assert set(ups) == {"hubups", "stale"}
+    assert errors["dead"].fields["error_kind"] == "data_stale"
+    assert "DRIVER-NOT-CONNECTED" in errors["dead"].fields["error"]
 
+    server.start_driver("dead", wait=False)  # comes back while the other goes stale
     deadline = time.monotonic() + 10
-    while "third" in ups and time.monotonic() < deadline:
+    while "stale" in ups and time.monotonic() < deadline:
         time.sleep(0.25)
         ups, errors = collect(probe, emitted)
-    assert errors["third"].fields["error_kind"] == "data_stale"
-    assert "DATA-STALE" in errors["third"].fields["error"]
+    assert errors["stale"].fields["error_kind"] == "data_stale"
+    assert "DATA-STALE" in errors["stale"].fields["error"]
     assert "hubups" in ups
 
-    server.resume_driver("third")
-    server.start_driver("second")
+    server.resume_driver("stale")
+    server.wait_served("dead", GOOD)
     ups, errors = collect(probe, emitted)
-    assert set(ups) == {"hubups", "second", "third"} and not errors
+    assert set(ups) == {"hubups", "dead", "stale"} and not errors
 
 
 @pytest.mark.services
-def test_refused_connection_then_upsd_starts(nut_server, make_probe, emitted):
+def test_refused_then_upsd_starts_stops_and_restarts(nut_server, make_probe, emitted):
     port = free_port()
     probe = make_probe([{"name": "hubups", "port": port}, {"name": "second", "port": port}])
     ups, errors = collect(probe, emitted)
@@ -496,54 +519,19 @@ def test_refused_connection_then_upsd_starts(nut_server, make_probe, emitted):
     assert {k: e.fields["error_kind"] for k, e in errors.items()} == \
         {"hubups": "connection_refused", "second": "connection_refused"}
 
-    nut_server({"hubups": GOOD, "second": GOOD}, port=port)
+    server = nut_server({"hubups": GOOD, "second": GOOD}, port=port)
     ups, errors = collect(probe, emitted)
     assert set(ups) == {"hubups", "second"} and not errors
 
+    server.stop_upsd()
+    server.start_upsd()  # the connection kept from the last cycle is dead: one quiet reconnect
+    ups, errors = collect(probe, emitted)
+    assert set(ups) == {"hubups", "second"} and not errors
 
-@pytest.mark.services
-def test_upsd_restart_between_cycles_is_not_an_error(nut_server, make_probe, emitted):
-    server = nut_server({"hubups": GOOD})
-    probe = make_probe([{"name": "hubups", "port": server.port}])
-    assert "hubups" in collect(probe, emitted)[0]
     server.stop_upsd()
     ups, errors = collect(probe, emitted)
-    assert errors["hubups"].fields["error_kind"] == "connection_refused"
-    server.start_upsd()
-    assert "hubups" in collect(probe, emitted)[0]
-    server.stop_upsd()
-    server.start_upsd()  # the kept connection is dead now: one quiet reconnect, no error
-    ups, errors = collect(probe, emitted)
-    assert "hubups" in ups and not errors
-
-
-@pytest.mark.services
-def test_silent_server_times_out_within_the_configured_timeout(rogue, nut_server, make_probe, emitted):
-    good = nut_server({"hubups": GOOD})
-    silent = rogue(answer=None)
-    probe = make_probe([{"name": "hung", "port": silent.port, "timeout": "0.5s"},
-                        {"name": "hung2", "port": silent.port, "timeout": "0.5s"},
-                        {"name": "hubups", "port": good.port}])
-    started = time.monotonic()
-    ups, errors = collect(probe, emitted)
-    elapsed = time.monotonic() - started
-    assert set(ups) == {"hubups"}
-    assert {k: e.fields["error_kind"] for k, e in errors.items()} == {"hung": "timeout", "hung2": "timeout"}
-    assert 0.4 < elapsed < 1.5, elapsed  # one timeout for the server, not one per UPS
-
-    # A server that trickles bytes without ever ending a line is held to the same deadline.
-    port = silent.port
-    silent.close()
-    trickle = rogue(answer=lambda line: b"B", port=port)
-    started = time.monotonic()
-    errors = collect(probe, emitted)[1]
-    assert errors["hung"].fields["error_kind"] == "timeout" and time.monotonic() - started < 1.5
-    trickle.close()
-
-    # Fixed: a real upsd now listens there, and the next cycle reads it.
-    nut_server({"hung": GOOD, "hung2": GOOD}, port=port)
-    ups, errors = collect(probe, emitted)
-    assert set(ups) == {"hung", "hung2", "hubups"} and not errors
+    assert {k: e.fields["error_kind"] for k, e in errors.items()} == \
+        {"hubups": "connection_refused", "second": "connection_refused"}
 
 
 GARBAGE = {
@@ -570,15 +558,36 @@ def test_garbage_answer_is_a_protocol_error(flavour, rogue, make_probe, emitted)
 
 
 @pytest.mark.services
-def test_garbage_server_is_left_for_a_real_one(rogue, nut_server, make_probe, emitted):
+def test_silent_and_lying_servers_then_real_upsd(rogue, ddl_server, nut_server, make_probe, emitted):
+    good, _ = ddl_server
+    silent = rogue(answer=None)
     liar = rogue(answer=b"OK\n")
-    probe = make_probe([{"name": "hubups", "port": liar.port}])
-    assert collect(probe, emitted)[1]["hubups"].fields["error_kind"] == "protocol"
-    port = liar.port
-    liar.close()
-    nut_server({"hubups": GOOD}, port=port)
+    probe = make_probe([{"name": "hung", "port": silent.port, "timeout": "0.5s"},
+                        {"name": "hung2", "port": silent.port, "timeout": "0.5s"},
+                        {"name": "lied", "port": liar.port, "timeout": "0.5s"},
+                        {"name": "steady", "port": good.port}])
+    started = time.monotonic()
     ups, errors = collect(probe, emitted)
-    assert ups["hubups"].fields["battery_charge_percent"] == 87.0 and not errors
+    elapsed = time.monotonic() - started
+    assert set(ups) == {"steady"}
+    assert {k: e.fields["error_kind"] for k, e in errors.items()} == \
+        {"hung": "timeout", "hung2": "timeout", "lied": "protocol"}
+    assert 0.4 < elapsed < 1.5, elapsed  # one timeout for the server, not one per UPS
+
+    # A server that trickles bytes without ever ending a line is held to the same deadline.
+    silent_port, liar_port = silent.port, liar.port
+    silent.close()
+    trickle = rogue(answer=lambda line: b"B", port=silent_port)
+    started = time.monotonic()
+    errors = collect(probe, emitted)[1]
+    assert errors["hung"].fields["error_kind"] == "timeout" and time.monotonic() - started < 1.5
+    trickle.close()
+    liar.close()
+
+    # Fixed: a real upsd now listens on both ports, and the next cycle reads it.
+    nut_server({"hung": GOOD, "hung2": GOOD, "lied": GOOD}, port=silent_port, extra_ports=(liar_port,))
+    ups, errors = collect(probe, emitted)
+    assert set(ups) == {"hung", "hung2", "lied", "steady"} and not errors
 
 
 @pytest.mark.services
@@ -610,15 +619,6 @@ def test_starttls_with_a_trusted_certificate(nss_cert, nut_server, make_probe, e
     assert ups["secure"].fields["battery_charge_percent"] == 87.0
     assert errors["untrusted"].fields["error_kind"] == "auth"
     assert "certificate" in errors["untrusted"].fields["error"]
-
-
-@pytest.mark.services
-def test_starttls_refused_by_upsd_without_a_certificate(nut_server, make_probe, emitted):
-    server = nut_server({"hubups": GOOD})
-    probe = make_probe([{"name": "hubups", "port": server.port, "starttls": True}])
-    errors = collect(probe, emitted)[1]
-    assert errors["hubups"].fields["error_kind"] == "protocol"
-    assert "STARTTLS" in errors["hubups"].fields["error"]
 
 
 def test_values_are_floats_and_finite():

@@ -37,20 +37,19 @@ from typing import Mapping
 from agent.confload import Secret, Section
 from agent.probes import ProbeContext, ProbeError, error_sample
 from agent.probes.upsfields import ups_sample
-from agent.wire import Sample
+from agent.wire import ID_PATTERN, Sample
 
 DEFAULT_HOST = "127.0.0.1"
 DEFAULT_PORT = 3493
 DEFAULT_TIMEOUT = 3.0
 
-#: A UPS entry's ``name`` becomes the ``ups`` tag.
-UPS_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,62}")
 #: A UPS name on the server, a user name: one protocol word, nothing that could end the line.
 _PROTOCOL_WORD = re.compile(r"[^\s\"\\]{1,255}")
 
 # Guards against a server (or something that is not one) sending without end.
 _MAX_LINE_BYTES = 64 * 1024
 _MAX_VARS = 10_000
+_TCP_QUICKACK = getattr(socket, "TCP_QUICKACK", None)
 
 # --- pure parsing -------------------------------------------------------------------------
 
@@ -245,7 +244,7 @@ class UpsTarget:
 
 
 def _parse_target(section: Section) -> UpsTarget | None:
-    name = section.str("name", pattern=UPS_NAME)
+    name = section.str("name", pattern=ID_PATTERN)  # the ups tag, as snmp_ups names it
     ups = section.str("ups", name, pattern=_PROTOCOL_WORD)
     host = section.str("host", DEFAULT_HOST)
     if host is not None and (not host.strip() or any(c.isspace() for c in host)):
@@ -383,11 +382,22 @@ class _Connection:
             if not chunk:
                 raise _Broken("protocol", f"{self._where} closed the connection without answering")
             self._buffer += chunk
+            self._ack_now()
         raw, _, self._buffer = self._buffer.partition(b"\n")
         try:
             return raw.decode("utf-8").rstrip("\r")
         except UnicodeDecodeError:
             return raw.decode("latin-1").rstrip("\r")
+
+    def _ack_now(self) -> None:
+        # upsd writes a listing line by line; with Nagle on its side and delayed ACKs on ours
+        # every LIST VAR would stall about 40 ms. Linux's quick-ACK mode (which lapses, so it
+        # is set again after each read) lets the next line come at once.
+        if _TCP_QUICKACK is not None and self._sock is not None:
+            try:
+                self._sock.setsockopt(socket.IPPROTO_TCP, _TCP_QUICKACK, 1)
+            except OSError:
+                pass
 
     def list_vars(self, ups: str) -> dict[str, str]:
         """Every variable of ``ups``; ProbeError for an ERR answer, _Broken for garbage."""

@@ -203,7 +203,7 @@ def parse_ups_mib(values: Values) -> Reading:
     gauges = {
         "battery_charge_percent": scaled(integer(values, UPS_CHARGE_REMAINING), 1, PERCENT),
         "battery_runtime_seconds": scaled(minutes * 60 if minutes is not None else None, 1, RUNTIME_SECONDS),
-        "battery_voltage_volts": scaled(integer(values, UPS_BATTERY_VOLTAGE), 1, VOLTS_DC),
+        "battery_voltage_volts": scaled(integer(values, UPS_BATTERY_VOLTAGE), 10, VOLTS_DC),
         "temperature_celsius": scaled(integer(values, UPS_BATTERY_TEMPERATURE), 1, CELSIUS),
         "input_frequency_hz": first_row(values, UPS_INPUT_FREQUENCY, 10, HERTZ),
         "input_voltage_volts": first_row(values, UPS_INPUT_VOLTAGE, 1, VOLTS_AC),
@@ -276,7 +276,7 @@ def parse_apc(values: Values) -> Reading:
 
     gauges = {
         "battery_charge_percent": prefer(APC_HP_BATTERY_CAPACITY, APC_ADV_BATTERY_CAPACITY, PERCENT),
-        "battery_runtime_seconds": scaled(integer(values, APC_ADV_BATTERY_RUNTIME), 1, RUNTIME_SECONDS),
+        "battery_runtime_seconds": scaled(integer(values, APC_ADV_BATTERY_RUNTIME), 100, RUNTIME_SECONDS),
         "battery_voltage_volts": prefer(APC_HP_BATTERY_VOLTAGE, APC_ADV_BATTERY_VOLTAGE, VOLTS_DC),
         "temperature_celsius": prefer(APC_HP_BATTERY_TEMPERATURE, APC_ADV_BATTERY_TEMPERATURE, CELSIUS),
         "input_voltage_volts": prefer(APC_HP_INPUT_VOLTAGE, APC_ADV_INPUT_VOLTAGE, VOLTS_AC),

@@ -109,6 +109,7 @@ class NutServer:
     users: Mapping[str, NutUser] = field(default_factory=dict)
     maxage: int = 15
     tls: "NssCert | None" = None
+    extra_ports: tuple[int, ...] = ()  # more ports upsd also listens on
     host: str = LOOPBACK
     ups: dict[str, _Ups] = field(default_factory=dict)
     upsd: ServiceProcess | None = None
@@ -131,7 +132,8 @@ class NutServer:
             sections.append(f"[{name}]\n\tdriver = dummy-ups\n\tport = {dev_path}\n"
                             f"\tmode = dummy-once\n\tpollinterval = 1\n\tdesc = \"hubwatch test {name}\"\n")
         _write(self.root / "ups.conf", "\n".join(sections))
-        upsd_conf = f"LISTEN {self.host} {self.port}\nMAXAGE {self.maxage}\nMAXCONN 256\n"
+        upsd_conf = "".join(f"LISTEN {self.host} {port}\n" for port in (self.port, *self.extra_ports))
+        upsd_conf += f"MAXAGE {self.maxage}\nMAXCONN 256\n"
         if self.tls is not None:
             upsd_conf += f"CERTPATH {self.tls.db_dir}\nCERTIDENT \"{self.tls.nickname}\" \"{self.tls.db_password}\"\n"
         _write(self.root / "upsd.conf", upsd_conf)
@@ -160,7 +162,7 @@ class NutServer:
         self.upsd.wait_for_port(self.port, timeout)
         deadline = time.monotonic() + timeout
         for ups in self.ups.values():
-            self.wait_served(ups.name, served_view(ups.variables), max(1.0, deadline - time.monotonic()))
+            self.wait_served(ups.name, ups.variables, max(1.0, deadline - time.monotonic()))
         return self
 
     # -- looking --------------------------------------------------------------------------
@@ -178,8 +180,9 @@ class NutServer:
         return variables
 
     def wait_served(self, name: str, expected: Mapping[str, str], timeout: float = 10.0) -> None:
-        """Wait until upsd serves ``expected`` (values compared as dummy-ups stores them)."""
+        """Wait until upsd serves the variables ``expected`` (as upsd serves them, see served_view)."""
         ups = self.ups[name]
+        expected = served_view(expected)
         last: dict[str, str] | None = None
 
         def ready() -> bool:
@@ -204,8 +207,7 @@ class NutServer:
             else:
                 ups.variables[key] = value
         self._write_dev(ups)
-        wanted = served_view({k: v for k, v in changes.items() if v is not None})
-        self.wait_served(name, wanted, timeout)
+        self.wait_served(name, {k: v for k, v in changes.items() if v is not None}, timeout)
         gone = [k for k, v in changes.items() if v is None]
         if gone:
             _wait(lambda: not set(gone) & set(self.served(name) or {k: "" for k in gone}), timeout,
@@ -218,7 +220,7 @@ class NutServer:
         self.write_config(devices, keep_drivers=True)  # the running drivers stay as they are
         self.ups[name].driver.start()
         self.reload()
-        self.wait_served(name, served_view(self.ups[name].variables), timeout)
+        self.wait_served(name, self.ups[name].variables, timeout)
 
     def set_users(self, users: Mapping[str, NutUser]) -> None:
         """Replace upsd.users and make upsd reload it."""
@@ -242,7 +244,7 @@ class NutServer:
         self.upsd.wait_for_port(self.port, timeout)
         for ups in self.ups.values():
             if ups.driver.running:
-                self.wait_served(ups.name, served_view(ups.variables), timeout)
+                self.wait_served(ups.name, ups.variables, timeout)
 
     def kill_driver(self, name: str) -> None:
         """SIGKILL one driver: upsd then answers ERR DRIVER-NOT-CONNECTED (or DATA-STALE)."""
@@ -255,12 +257,14 @@ class NutServer:
     def resume_driver(self, name: str) -> None:
         self.ups[name].driver.signal(signal.SIGCONT)
 
-    def start_driver(self, name: str, timeout: float = 15.0) -> None:
+    def start_driver(self, name: str, timeout: float = 15.0, wait: bool = True) -> None:
+        """Start UPS ``name``'s driver again; with ``wait``, until upsd serves its data."""
         ups = self.ups[name]
         ups.driver.stop()
         ups.driver = self._driver(name)
         ups.driver.start()
-        self.wait_served(name, served_view(ups.variables), timeout)
+        if wait:
+            self.wait_served(name, ups.variables, timeout)
 
     def stop(self) -> None:
         for ups in self.ups.values():
@@ -322,9 +326,9 @@ class NutServers:
 
     def __call__(self, devices: Mapping[str, Path | Mapping[str, str]], users: Mapping[str, NutUser] | None = None,
                  maxage: int = 15, tls: NssCert | None = None, port: int | None = None,
-                 timeout: float = 30.0) -> NutServer:
+                 extra_ports: tuple[int, ...] = (), timeout: float = 30.0) -> NutServer:
         root = Path(tempfile.mkdtemp(prefix="nut"))  # short: the driver sockets live here
-        server = NutServer(root, port or free_port(), dict(users or {}), maxage, tls)
+        server = NutServer(root, port or free_port(), dict(users or {}), maxage, tls, tuple(extra_ports))
         self._started.append(server)
         server.write_config({name: load_dev(src) for name, src in devices.items()})
         return server.start(timeout)
@@ -350,7 +354,7 @@ def _servers() -> Iterator[NutServers]:
 
 @pytest.fixture
 def nut_server() -> Iterator[NutServers]:
-    """Factory: ``nut_server({name: dev path or variables}, users=, maxage=, tls=, port=)``."""
+    """Factory: ``nut_server({name: dev path or variables}, users=, maxage=, tls=, port=, extra_ports=)``."""
     yield from _servers()
 
 
