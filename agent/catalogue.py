@@ -137,6 +137,7 @@ MEASUREMENTS: Mapping[str, MeasurementSpec] = MappingProxyType({m.name: m for m 
     _measurement("status", "An agent's connection state, from its retained status topic", (), [
         ("state", "str", "", "online, offline (Last Will) or stopped (clean stop)"),
         ("online", "bool", "", "state is online"),
+        ("reason", "str", "", "Why the collector set it: 'silent' (no samples for 3 intervals), 'sending'"),
     ]),
     _measurement("hubwatch_collector", "A collector instance's own health, every stats interval", ("instance",), [
         ("received_total", "int", "messages", "MQTT messages received"),
@@ -160,7 +161,8 @@ MEASUREMENTS: Mapping[str, MeasurementSpec] = MappingProxyType({m.name: m for m 
     _measurement("alert", "An alert's transitions: firing, re-notified, resolved", ("rule", "severity"), [
         ("state", "str", "", "firing or resolved"),
         ("message", "str", "", "What is wrong, in words"),
-        ("value", "float", "", "The value that crossed the threshold (unit per rule)"),
+        ("value", "float", "rule's unit", "The value that crossed the threshold: % (on_battery, battery_low), "
+                                            "minutes (runtime_low), factor (battery_aging), seconds (hub_offline)"),
     ], optional_tags=("ups",)),
 ]})
 

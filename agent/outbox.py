@@ -200,6 +200,7 @@ class Outbox:
         self._conn: sqlite3.Connection | None = None
         self._page_size = 4096
         self._budget = self.max_bytes
+        self._wal_limit = 4 * 2**20
         self.open()
 
     # --- opening, checking, quarantine -------------------------------------------------
@@ -214,7 +215,8 @@ class Outbox:
         if self._exists():
             conn = None
             try:
-                conn = self._configure(_connect(self.path))
+                conn = _connect(self.path)
+                self._configure(conn)
                 problem = self._check(conn)
                 if problem is None:
                     self._conn = conn
@@ -231,7 +233,8 @@ class Outbox:
             if conn is not None:
                 conn.close()
             self._conn = None
-            self._quarantine(problem or "unreadable")
+            self._quarantine(problem or "unreadable")  # leaves a fresh outbox open
+            return
         try:
             self._conn = self._configure(_connect(self.path))
             self._init_schema()
@@ -271,11 +274,12 @@ class Outbox:
         conn.execute("PRAGMA cell_size_check = ON")
         self._page_size = conn.execute("PRAGMA page_size").fetchone()[0]
         # Keep the WAL small beside a small cap: checkpoint often and truncate it afterwards.
-        wal_pages = max(16, min(1000, self.max_bytes // self._page_size // 16))
+        wal_pages = max(16, min(1000, self.max_bytes // self._page_size // 8))
         conn.execute(f"PRAGMA wal_autocheckpoint = {wal_pages}")
         conn.execute(f"PRAGMA journal_size_limit = {wal_pages * self._page_size}")
-        wal_bytes = wal_pages * (self._page_size + 24)
-        self._budget = max(self.max_bytes - 2 * wal_bytes - 8 * self._page_size, 32 * self._page_size)
+        self._wal_limit = wal_pages * (self._page_size + 24)
+        # The database may use what the WAL (one limit, plus one big transaction) leaves.
+        self._budget = max(self.max_bytes - 2 * self._wal_limit - 8 * self._page_size, 32 * self._page_size)
         return conn
 
     def _check(self, conn: sqlite3.Connection) -> str | None:
@@ -348,12 +352,15 @@ class Outbox:
         out = _Salvage()
         try:
             conn = sqlite3.connect(str(aside), isolation_level=None, timeout=1)
-            # Lets SQLite read a file shorter than its header claims (a truncated outbox)
-            # instead of refusing it whole; nothing is written to the damaged copy.
-            conn.execute("PRAGMA writable_schema = ON")
         except sqlite3.Error:
             return out
         try:
+            try:
+                # Lets SQLite read a file shorter than its header claims (a truncated outbox)
+                # instead of refusing it whole; nothing is written to the damaged copy.
+                conn.execute("PRAGMA writable_schema = ON")
+            except sqlite3.Error:
+                return out
             try:
                 out.meta = {str(k): int(v) for k, v in conn.execute("SELECT key, value FROM meta")}
             except (sqlite3.Error, ValueError, TypeError):
@@ -439,6 +446,16 @@ class Outbox:
                 pass
             raise
         self._staged.clear()
+        self._trim_wal()
+
+    def _trim_wal(self) -> None:
+        """After a big transaction, fold the WAL back and truncate it, so the cap holds on disk."""
+        try:
+            wal = os.path.getsize(f"{self.path}-wal")
+        except OSError:
+            return
+        if wal > self._wal_limit:
+            self._conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
 
     def count(self, counter: str, n: int = 1) -> None:
         """Add ``n`` to a persisted counter; written with the next transaction."""

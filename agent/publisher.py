@@ -82,7 +82,8 @@ class MqttSession:
     """The agent's MQTT connection. ``events`` receives Connected/Disconnected/PubAck/AckReceived."""
 
     def __init__(self, config: MqttConfig, hub: str, host: str, events: "queue.Queue[Any]", *,
-                 window: int = 20, session_expiry_s: int = 86400, backoff: Backoff = Backoff()):
+                 window: int = 20, session_expiry_s: int = 86400, backoff: Backoff = Backoff(),
+                 queue_limit: int | None = None):
         self.config = config
         self.hub = hub
         self.host = host
@@ -95,6 +96,8 @@ class MqttSession:
         self._attempt = 0
         self._auth_refused = False
         self.connects = 0
+        self._stopping = False
+        self.refusals = 0  # CONNACKs with a failure reason code
 
         client = Client(CallbackAPIVersion.VERSION2, client_id=self.client_id,
                         protocol=MQTTProtocolVersion.MQTTv5, reconnect_on_failure=True)
@@ -110,7 +113,7 @@ class MqttSession:
         # paho's own limits sit above the Sender's window, so they never refuse a message the
         # Sender meant to send; they only bound memory if something goes wrong.
         client.max_inflight_messages_set(window + 8)
-        client.max_queued_messages_set(4 * window + 32)
+        client.max_queued_messages_set(queue_limit or 4 * window + 32)
         client.on_connect = self._on_connect
         client.on_connect_fail = self._on_connect_fail
         client.on_disconnect = self._on_disconnect
@@ -151,6 +154,7 @@ class MqttSession:
         if not sent:
             log.warning("could not publish status 'stopped' (broker unreachable); the broker's "
                         "Last Will says 'offline'")
+        self._stopping = True
         self.client.disconnect()
         stopper = threading.Thread(target=self.client.loop_stop, daemon=True)
         stopper.start()
@@ -166,6 +170,7 @@ class MqttSession:
 
     def _on_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
+            self.refusals += 1
             value = reason_code.value
             if value in AUTH_REFUSED:
                 delay = self.backoff.auth * (0.75 + random.random() * 0.5)
@@ -207,7 +212,7 @@ class MqttSession:
     def _on_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         was = self._connected.is_set()
         self._connected.clear()
-        if was:
+        if was and not self._stopping:
             log.warning("disconnected from %s: %s", self.config.url, reason_code)
             self._attempt = 0
         self._next_backoff()

@@ -7,10 +7,11 @@ import base64
 import json
 import urllib.error
 import urllib.request
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from urllib.parse import urlencode
 
-from collector.config import InfluxConfig
+if TYPE_CHECKING:
+    from collector.config import InfluxConfig
 
 
 class QueryError(RuntimeError):

@@ -12,6 +12,7 @@ written ``seq``s back to each agent on its ``ack`` topic.
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import random
@@ -28,6 +29,7 @@ from agent import sdnotify
 from agent.wire import WireError, decode_raw, decode_status, encode_ack, parse_topic, subscription, topic
 from collector.config import CollectorConfig
 from collector.deadletter import DeadLetters
+from collector.engine import Cluster, Engine, Poke
 from collector.influx import InfluxRefused, InfluxUnavailable, make_writer
 from collector.lineproto import format_line
 from collector.validate import Converter, MessageRejected, check_envelope
@@ -54,6 +56,17 @@ class Batch:
     acks: dict[tuple[str, str], set[int]] = field(default_factory=lambda: defaultdict(set))
     started: float = 0.0
     newest_ns: int = 0
+    pokes: dict[str, Poke] = field(default_factory=dict)
+
+    def poke(self, hub: str, since_ns: int | None = None, urgent: bool = False) -> None:
+        """Tell the leader to look at this hub once the batch is stored."""
+        current = self.pokes.get(hub)
+        if current is None:
+            self.pokes[hub] = Poke(hub, since_ns, urgent)
+            return
+        current.urgent = current.urgent or urgent
+        if since_ns is not None and (current.since_ns is None or since_ns < current.since_ns):
+            current.since_ns = since_ns
 
     def __len__(self) -> int:
         return len(self.lines)
@@ -87,7 +100,11 @@ class Collector:
         self._dead = DeadLetters(config.dead_letter.path, config.dead_letter.max_mb)
         self._highest_seq: dict[tuple[str, str], int] = {}
         self._converter = Converter()
+        self._control_prefixes = (f"{config.mqtt.topic_prefix}/collectors/", f"{config.alerts.topic}/")
+        self._boots: dict[tuple[str, str], float] = {}
+        self.cluster = Cluster(config.instance, config.mqtt.topic_prefix)
         self._client = self._make_client()
+        self.engine = Engine(config, self._client, self.cluster)
         self._heartbeat = sdnotify.Heartbeat()  # systemd's WatchdogSec=, when set
 
     # --- MQTT ------------------------------------------------------------------------------
@@ -104,6 +121,7 @@ class Collector:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.will_set(self.cluster.my_topic, b"", qos=1, retain=True)
         client.reconnect_delay_set(1, 30)
         client.max_inflight_messages_set(100)
         return client
@@ -123,7 +141,11 @@ class Collector:
         self._generation += 1
         prefix = self.config.mqtt.topic_prefix
         subs = [(f"$share/{self.config.share_group}/{subscription(prefix, kind)}", 1) for kind in SUBSCRIBED_KINDS]
+        subs += [(f"{self.cluster.members_topic}/+", 1), (self.cluster.poke_topic, 1),
+                 (f"{self.config.alerts.topic}/#", 1)]
         client.subscribe(subs)
+        client.publish(self.cluster.my_topic, json.dumps({"instance": self.config.instance,
+                                                          "since": time.time()}).encode(), qos=1, retain=True)
         log.info("connected to %s:%d (session %s), subscribed in share group %s",
                  self.config.mqtt.host, self.config.mqtt.port,
                  "resumed" if flags.session_present else "new", self.config.share_group)
@@ -135,6 +157,20 @@ class Collector:
             log.warning("disconnected from the broker (%s); reconnecting", reason_code)
 
     def _on_message(self, client, userdata, message) -> None:
+        name = message.topic
+        if name.startswith(self._control_prefixes):  # coordination: handled here, acked at once
+            try:
+                if name.startswith(self.cluster.members_topic + "/"):
+                    self.cluster.on_member(name, message.payload)
+                elif name == self.cluster.poke_topic:
+                    self.engine.poke(Poke.from_bytes(message.payload))
+                else:
+                    self.engine.on_alert_state(name, message.payload)
+            except (ValueError, KeyError, TypeError) as exc:
+                log.warning("ignoring unreadable message on %s: %s", name, exc)
+            if message.qos:
+                client.ack(message.mid, message.qos)
+            return
         self._inbox.put(Incoming(message.mid, message.qos, message.topic, message.payload,
                                  self._generation, time.time()))
 
@@ -163,6 +199,7 @@ class Collector:
             batch.lines.append(format_line("status", {"hub": where.hub, "host": where.host},
                                            {"state": state, "online": state == "online"},
                                            int(item.received_at * 1e9)))
+            batch.poke(where.hub, urgent=True)
             return
         if where.kind not in ("metrics", "events"):
             return
@@ -184,6 +221,31 @@ class Collector:
             self._reject(item.topic, rejection.reason, rejection.detail, None)
         batch.lines.extend(converted.lines)
         batch.newest_ns = max(batch.newest_ns, converted.newest_ns)
+        if converted.lines:
+            self._poke_if_notable(batch, where, envelope.samples, converted.oldest_ns, item.received_at)
+
+    def _poke_if_notable(self, batch: Batch, where, samples: list, oldest_ns: int, received_at: float) -> None:
+        """Mark the hub for the leader when this message matters to outages or alerts."""
+        params = self.config.outages.params
+        if where.kind == "events":
+            batch.poke(where.hub, urgent=True)
+        late_ns = int(received_at * 1e9) - int(3 * params.agent_interval_s * 1e9)
+        if oldest_ns < late_ns:  # replayed from an outbox: outages of that time may change
+            batch.poke(where.hub, since_ns=oldest_ns)
+        for s in samples:
+            m = s.get("m")
+            if m == "ping":
+                if s["f"].get("reachable") is False and s.get("tags", {}).get("target") in params.internet_targets:
+                    batch.poke(where.hub)
+            elif m == "system":
+                boot = s["f"].get("boot_time_seconds")
+                key = (where.hub, where.host)
+                if isinstance(boot, float) and abs(self._boots.get(key, boot) - boot) > params.boot_jitter_s:
+                    batch.poke(where.hub, since_ns=s["t"] - 3600 * 10**9)
+                if isinstance(boot, float):
+                    self._boots[key] = boot
+            elif m == "ups" and s["f"].get("on_battery") is True:
+                batch.poke(where.hub)
 
     def _write(self, lines: list[str]) -> bool:
         """Write until it works or we are told to stop; True when written."""
@@ -222,6 +284,8 @@ class Collector:
         prefix = self.config.mqtt.topic_prefix
         self._ack_infos = [self._client.publish(topic(prefix, hub, host, "ack"), encode_ack(seqs), qos=1)
                            for (hub, host), seqs in batch.acks.items()]
+        for poke in batch.pokes.values():  # stored now: the leader may look
+            self._client.publish(self.cluster.poke_topic, poke.to_bytes(), qos=1)
 
     def _stats_lines(self) -> list[str]:
         s, now = self.stats, time.time_ns()
@@ -327,7 +391,10 @@ class Collector:
             self._flush(batch)
             deadline.cancel()
             self._stop = stopping
-        for info in getattr(self, "_ack_infos", []):  # let the last acks to agents leave
+        self.engine.close()
+        leave = self._client.publish(self.cluster.my_topic, b"", qos=1, retain=True)  # no longer a member
+        self._ack_infos = getattr(self, "_ack_infos", []) + [leave]
+        for info in self._ack_infos:  # let the last acks to agents leave
             try:
                 info.wait_for_publish(2.0)
             except (RuntimeError, ValueError):

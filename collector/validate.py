@@ -40,6 +40,7 @@ class Converted:
     lines: list[str] = field(default_factory=list)
     rejections: list[Rejection] = field(default_factory=list)
     newest_ns: int = 0
+    oldest_ns: int = 0
 
 
 class MessageRejected(Exception):
@@ -182,6 +183,8 @@ class Converter:
             out.lines.append(f"{head} {','.join(parts)} {time_ns}")
             if time_ns > out.newest_ns:
                 out.newest_ns = time_ns
+            if not out.oldest_ns or time_ns < out.oldest_ns:
+                out.oldest_ns = time_ns
         return out
 
 

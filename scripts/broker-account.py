@@ -35,7 +35,7 @@ def machine_acl(prefix: str, hub: str, host: str) -> list[str]:
 def collector_acl(prefix: str) -> list[str]:
     return [f"topic read {prefix}/v1/+/+/metrics", f"topic read {prefix}/v1/+/+/events",
             f"topic read {prefix}/v1/+/+/status", f"topic write {prefix}/v1/+/+/ack",
-            f"topic readwrite {prefix}/alerts/#"]
+            f"topic readwrite {prefix}/alerts/#", f"topic readwrite {prefix}/collectors/#"]
 
 
 def set_acl(acl_path: Path, name: str, lines: list[str] | None) -> None:

@@ -30,7 +30,7 @@ def sample_key(sample: wire.Sample) -> tuple:
 
 class StandInCollector:
     def __init__(self, broker, prefix: str = "hubwatch", client_id: str = "standin-collector",
-                 acking: bool = True):
+                 acking: bool = True, username: str | None = None, password: str | None = None):
         self.prefix = prefix
         self.acking = acking
         self.lock = threading.Condition()
@@ -47,6 +47,8 @@ class StandInCollector:
         self.client.on_disconnect = lambda *a: self.connected.clear()
         self.client.on_message = self._on_message
         self.client.reconnect_delay_set(0.1, 0.5)
+        if username is not None:
+            self.client.username_pw_set(username, password)
         props = Properties(PacketTypes.CONNECT)
         props.SessionExpiryInterval = 600
         self.client.connect_async(broker.host, broker.port, keepalive=10, clean_start=False, properties=props)

@@ -216,7 +216,7 @@ def _server_error(reply: str, what: str) -> ProbeError:
     code = words[1] if len(words) > 1 else ""
     kind = _ERR_KINDS.get(code, "protocol")
     explained = _ERR_WORDS.get(code)
-    message = f"{what}: upsd answered {reply!r}" + (f" ({explained})" if explained else "")
+    message = f"{what}: upsd answered {_shorten(reply)!r}" + (f" ({explained})" if explained else "")
     return ProbeError(kind, message)
 
 

@@ -4,7 +4,9 @@
 ``dummy-ups`` driver per UPS and one ``upsd`` in a temporary directory, waits until upsd
 serves every UPS's data (asked with NUT's own ``upsc``, not with the code under test) and
 returns a :class:`NutServer`. Everything it started is killed when the test ends, passed
-or failed.
+or failed. ``nut_server_module`` is the same factory for servers a test module shares, and
+``nss_cert`` makes a CA and a server certificate in an NSS database for ``tls=`` (STARTTLS;
+needs ``certutil``/``pk12util`` from Debian's libnss3-tools, else the test is skipped).
 
 Traps this works around (NUT 2.8 on Debian):
 
@@ -22,6 +24,11 @@ Traps this works around (NUT 2.8 on Debian):
 - A ``.dev`` file is read once ("dummy-once") and again only when its modification time
   changes: :meth:`NutServer.set_vars` rewrites the file with a strictly newer time stamp
   and waits until upsd serves the new values.
+- upsd keeps printable ASCII and at most 127 characters of a value (two dumps have longer or
+  non-ASCII ones): readiness compares what upsd can serve (:func:`served_view`).
+- dummy-ups opens its socket only after its first poll interval and answers upsd on the
+  next ones: with ``pollinterval = 1`` a server serves its data about 3 s after start, and
+  a changed file about 1 s after the change. Tests that can share a server should.
 """
 
 from __future__ import annotations
