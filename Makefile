@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # /root: it gets its own venv, made with Debian's python3, somewhere nobody can read.
 SNMPSIM_VENV ?= /opt/hubwatch-test/snmpsim-venv
 APT_PACKAGES := mosquitto mosquitto-clients influxdb nut-server nut-client snmp victoria-metrics \
-                python3-venv iputils-ping
+                python3-venv iputils-ping libnss3-tools openssl
 export SNMPSIM_VENV
 
 .PHONY: deps apt venv snmpsim test demo bench clean

@@ -331,6 +331,8 @@ class Collector:
         self._client.connect_async(cfg.mqtt.host, cfg.mqtt.port, keepalive=int(cfg.mqtt.keepalive),
                                    clean_start=False, properties=self._connect_properties())
         self._client.loop_start()
+        engine_thread = threading.Thread(target=self.engine.run, args=(self._stop,), name="engine", daemon=True)
+        engine_thread.start()
         sdnotify.status(f"connecting to {cfg.mqtt.host}:{cfg.mqtt.port}")
         batch = Batch()
         next_stats = time.monotonic() + ingest.stats_interval

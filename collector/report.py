@@ -76,6 +76,7 @@ class HubReport:
     mtbf_seconds: float | None
     longest_on_battery_seconds: float | None
     lowest_battery_charge_percent: float | None
+    blip_starts: tuple[float, ...] = ()
 
     def count(self, kind: str) -> int:
         return sum(1 for o in self.outages if o.kind == kind)
@@ -139,7 +140,8 @@ def hub_report(hub: str, records: Sequence[OutageRecord], start: float, measured
     window = max(0.0, measured_end - start)
     listed: list[ReportOutage] = []
     power, dark, uplink = [], [], []
-    blips, blip_seconds = 0, 0.0
+    blip_starts: list[float] = []
+    blip_seconds = 0.0
     on_battery: list[float] = []
     charges: list[float] = []
     for record in records:
@@ -152,7 +154,7 @@ def hub_report(hub: str, records: Sequence[OutageRecord], start: float, measured
             if record.min_battery_charge_percent is not None:
                 charges.append(record.min_battery_charge_percent)
             if record.blip:
-                blips += 1
+                blip_starts.append(clipped.start)
                 blip_seconds += clipped.duration_seconds
                 continue
             power.append(span)
@@ -169,11 +171,12 @@ def hub_report(hub: str, records: Sequence[OutageRecord], start: float, measured
     listed.sort(key=lambda o: (o.start, o.kind, o.host, o.ups or ""))
     return HubReport(
         hub=hub, availability_percent=availability, downtime_seconds=downtime, outages=tuple(listed),
-        blips=blips, blip_seconds=blip_seconds, power_failures=failures,
+        blips=len(blip_starts), blip_seconds=blip_seconds, power_failures=failures,
         mttr_seconds=power_down / failures if failures else None,
         mtbf_seconds=(window - power_down) / failures if failures else None,
         longest_on_battery_seconds=max(on_battery) if on_battery else None,
         lowest_battery_charge_percent=min(charges) if charges else None,
+        blip_starts=tuple(sorted(blip_starts)),
     )
 
 

@@ -12,7 +12,6 @@ import csv
 import io
 import json
 import time
-from datetime import datetime, timezone
 from html import escape
 from typing import Callable
 
@@ -319,9 +318,9 @@ def _timeline(report: Report) -> str:
                 extra = ' stroke="#000" stroke-width="0.6" stroke-dasharray="2 1"' if o.ongoing else ""
                 out.append(f'<rect x="{xa:.2f}" y="{lane_y[lane]}" width="{w:.2f}" height="{lane_h}" '
                            f'fill="{_COLOURS[colour]}"{extra}><title>{title}</title></rect>')
-        if h.blips:
-            out.append(f'<text x="{x1 + 2}" y="{lane_y["power"] + lane_h:.1f}" font-size="7" fill="#c05050">'
-                       f'</text>')
+        for start in h.blip_starts:
+            out.append(f'<rect x="{x(start):.2f}" y="{lane_y["power"]}" width="1" height="{lane_h}" '
+                       f'fill="{_COLOURS["blip"]}"><title>{escape(h.hub)} blip at {_human_time(start)}</title></rect>')
     out.append("</svg>")
     return "\n".join(out)
 
@@ -411,14 +410,3 @@ RENDERERS: dict[str, Callable[[Report], str]] = {
 
 def render(report: Report, fmt: str) -> str:
     return RENDERERS[fmt](report)
-
-
-def parse_iso(value: str) -> float:
-    """Seconds since the epoch from ISO 8601 (``Z`` or an offset; without one, UTC); ValueError."""
-    text = value.strip()
-    if text.endswith(("Z", "z")):
-        text = text[:-1] + "+00:00"
-    parsed = datetime.fromisoformat(text)
-    if parsed.tzinfo is None:
-        parsed = parsed.replace(tzinfo=timezone.utc)
-    return parsed.timestamp()
