@@ -5,8 +5,10 @@ PY := $(VENV)/bin/python
 # snmpsim refuses to run as root and, once it drops to nobody, cannot read a Python under
 # /root: it gets its own venv, made with Debian's python3, somewhere nobody can read.
 SNMPSIM_VENV ?= /opt/hubwatch-test/snmpsim-venv
+# systemd (systemd-analyze) and strace: the unit tests (verify, security, system call filters)
 APT_PACKAGES := mosquitto mosquitto-clients influxdb nut-server nut-client snmp victoria-metrics \
-                python3-venv iputils-ping libnss3-tools openssl
+                python3-venv iputils-ping libnss3-tools openssl \
+                systemd strace chromium
 export SNMPSIM_VENV
 
 .PHONY: deps apt venv snmpsim test demo bench clean

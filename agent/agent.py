@@ -95,7 +95,8 @@ class Agent:
         seen_synced, offset = self.outbox.clock_state(self.clock.boot_id())
         self.guard = ClockGuard(self.clock, config.clock.require_sync, config.clock.max_step,
                                 config.clock.settle, seen_synced, offset)
-        self.events: queue.Queue[Any] = queue.Queue()
+        # SimpleQueue: put() is safe from a signal handler (request_stop) and from paho's thread.
+        self.events: queue.SimpleQueue[Any] = queue.SimpleQueue()
         mqtt = config.mqtt
         self.session = MqttSession(mqtt, config.hub, config.host, self.events, window=config.publish.window,
                                    session_expiry_s=int(mqtt.session_expiry),
@@ -155,7 +156,7 @@ class Agent:
                     if (samples := self.ups.result()) is not None:
                         self._guarded(self._record_ups, samples, bool(tag))
                 busy = self._guarded(self._pack_and_send)
-                deadline = min(next_cycle, next_poll if self.ups is not None else next_cycle, now + 1.0)
+                deadline = min(next_cycle, next_poll if self.ups is not None else next_cycle, now + 0.5)
                 self._drain_events(0 if busy else max(0.0, deadline - time.monotonic()))
         finally:
             self._shutdown()

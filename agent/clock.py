@@ -22,6 +22,8 @@ The clock is untrusted while
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import logging
 import time
 from dataclasses import dataclass
@@ -31,6 +33,7 @@ from typing import Protocol
 log = logging.getLogger(__name__)
 
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
+_TIME_ERROR = 5
 
 
 class Clock(Protocol):
@@ -46,6 +49,7 @@ class SystemClock:
     def __init__(self, boot_id_path: Path = BOOT_ID_PATH):
         self._boot_id_path = boot_id_path
         self._boot_id: str | None = None
+        self._libc: ctypes.CDLL | bool | None = None
 
     def wall_ns(self) -> int:
         return time.time_ns()
@@ -54,8 +58,21 @@ class SystemClock:
         return time.clock_gettime_ns(time.CLOCK_BOOTTIME)
 
     def synced(self) -> bool | None:
-        from agent.probes.system import clock_synced
-        return clock_synced()
+        # adjtimex(2) with modes=0 only reads; TIME_ERROR (5) means unsynchronised. libc is
+        # looked up once: find_library runs ldconfig, far too slow for every reading.
+        if self._libc is None:
+            try:
+                self._libc = ctypes.CDLL(ctypes.util.find_library("c") or None, use_errno=True)
+            except OSError:
+                self._libc = False
+        if self._libc is False:
+            return None
+        timex = ctypes.create_string_buffer(512)  # struct timex, zeroed
+        try:
+            state = self._libc.adjtimex(timex)
+        except AttributeError:
+            return None
+        return None if state < 0 else state != _TIME_ERROR
 
     def boot_id(self) -> str:
         if self._boot_id is None:

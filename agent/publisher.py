@@ -351,7 +351,9 @@ class Sender:
                 continue
             message = self.outbox.message(seq)
             if message is not None:
-                sent += self._send(message, now, resend=False)
+                if not self._send(message, now, resend=False):
+                    return sent
+                sent += 1
         for seq, entry in sorted(list(self.retry.items()) + list(self.awaiting_ack.items())):
             if len(self.in_flight) >= self.window:
                 return sent
@@ -362,7 +364,9 @@ class Sender:
                 self.retry.pop(seq, None)
                 self.awaiting_ack.pop(seq, None)
                 continue
-            sent += self._send(message, now, resend=True)
+            if not self._send(message, now, resend=True):
+                return sent  # the client takes nothing now: try again at the next pass
+            sent += 1
         while len(self.in_flight) < self.window and len(self.awaiting_ack) < self.max_unconfirmed:
             batch = self.outbox.messages_after(self.cursor, self.window - len(self.in_flight))
             if not batch:
@@ -371,10 +375,12 @@ class Sender:
                 self.cursor = max(self.cursor, message.seq)
                 if message.seq in self.flying_seqs or message.seq in self.awaiting_ack or message.seq in self.retry:
                     continue
-                sent += self._send(message, now, resend=False)
+                if not self._send(message, now, resend=False):
+                    return sent
+                sent += 1
         return sent
 
-    def _send(self, message: Message, now: float, resend: bool) -> int:
+    def _send(self, message: Message, now: float, resend: bool) -> bool:
         rc, mid = self.session.publish(message.kind, message.payload)
         if rc != 0:
             # Not taken (not connected, or paho's queue is full): keep it and try again soon.
@@ -383,13 +389,13 @@ class Sender:
             previous = self.retry.get(message.seq) or self.awaiting_ack.pop(message.seq, None)
             self.retry[message.seq] = _Sent(now + min(self.retry_after, 1.0), previous.attempts if previous else 0)
             log.debug("publish of seq %d refused by the client (rc=%d); retrying", message.seq, rc)
-            return 0
+            return False
         if resend:
             self.stats.resent += 1
             self.outbox.count("messages_resent_total")
         self.in_flight[mid] = (message.seq, now, message.kind)
         self.flying_seqs.add(message.seq)
-        return 1
+        return True
 
     def _expire_in_flight(self, now: float) -> None:
         """A PUBACK that never came (a connection that died without paho noticing): give the slot back."""

@@ -48,6 +48,7 @@ def notify(*assignments: str) -> bool:
     payload = "\n".join(assignments).encode("utf-8", "replace")
     try:
         with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as sock:
+            sock.settimeout(2.0)  # a service manager too busy to read must not hold our loop
             sock.sendto(payload, address)
         return True
     except OSError as exc:

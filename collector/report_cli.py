@@ -155,7 +155,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     report = build_report(records, selected, args.start, args.end, now)
     if loud:
-        _say(f"{len(records):,} outages of {len(report.hubs)} hubs read in {time.monotonic() - started:.1f}s; "
+        _say(f"{len(records):,} outages of {len(report.hubs)} hubs read in {time.monotonic() - started:.2f}s; "
              f"writing {args.format}")
     if not report.hubs:
         _say(f"no hub has data between {time.strftime(fmt, time.gmtime(args.start))} and "

@@ -20,6 +20,8 @@ from typing import Iterable, Iterator
 from urllib.parse import urlencode, urlsplit
 
 from collector.config import InfluxConfig
+from collector.influxql import quote_ident as _ident
+from collector.influxql import quote_string as _string
 from collector.report import OutageRecord
 
 DEFAULT_LOOKBACK_S = 31 * 86400.0
@@ -35,14 +37,6 @@ _PRESENCE = (("agent", "outbox_samples"), ("system", "uptime_seconds"), ("ups", 
 
 class ReportSourceError(Exception):
     """InfluxDB could not be read (down, refused, or it answered with an error)."""
-
-
-def _ident(name: str) -> str:
-    return '"' + name.replace("\\", "\\\\").replace('"', '\\"') + '"'
-
-
-def _string(value: str) -> str:
-    return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
 def _ns(seconds: float) -> int:

@@ -94,7 +94,13 @@ def report_dict(report: Report) -> dict:
 
 
 def render_json(report: Report) -> str:
-    return json.dumps(report_dict(report), indent=1, ensure_ascii=False) + "\n"
+    """Compact, one hub a line (so a month of 1,000 hubs stays small yet greppable)."""
+    whole = report_dict(report)
+    hubs = whole.pop("hubs")
+    head = json.dumps(whole, ensure_ascii=False, separators=(",", ":"))[:-1]
+    body = ",\n".join(json.dumps(h, ensure_ascii=False, separators=(",", ":")) for h in hubs)
+    return f'{head},"hubs":[\n{body}\n]}}\n'
+
 
 
 # -- CSV ---------------------------------------------------------------------------------------
@@ -241,9 +247,9 @@ def _anchor(hub: str) -> str:
     return "hub-" + "".join(c if c.isalnum() or c in "-_" else "_" for c in hub)
 
 
-def _outage_title(hub: str, o: ReportOutage) -> str:
+def _outage_title(o: ReportOutage) -> str:
     end = "ongoing" if o.ongoing else _human_time(o.end)
-    parts = [f"{hub} {o.kind}", f"{o.host}" + (f"/{o.ups}" if o.ups else ""),
+    parts = [o.kind, f"{o.host}" + (f"/{o.ups}" if o.ups else ""),
              f"{_human_time(o.start)} → {end}", human_duration(o.duration_seconds)]
     if o.cause:
         parts.append(o.cause)
@@ -269,8 +275,8 @@ def _lane_and_colour(o: ReportOutage) -> list[tuple[str, str]]:
 
 
 def _timeline(report: Report) -> str:
-    width, x0, x1 = 1320, 200, 1308
-    lane_h, lane_gap, row_pad, top = 6, 2, 10, 30
+    width, x0, x1 = 1340, 200, 1300
+    lane_h, lane_gap, row_pad, top = 7, 2, 11, 30
     row_h = len(_LANES) * lane_h + (len(_LANES) - 1) * lane_gap + row_pad
     height = top + row_h * len(report.hubs) + 8
     span = max(1.0, report.end - report.start)
@@ -311,16 +317,16 @@ def _timeline(report: Report) -> str:
             out.append(f'<rect x="{x0}" y="{ly}" width="{max(0.0, end_x - x0):.1f}" height="{lane_h}" '
                        f'fill="#e3f1e5"/>')
         for o in h.outages:
-            title = escape(_outage_title(h.hub, o))
+            title = escape(_outage_title(o))
             for lane, colour in _lane_and_colour(o):
                 xa, xb = x(o.start), x(o.end)
                 w = max(xb - xa, 1.2 if o.kind != "reboot" else 1.6)
-                extra = ' stroke="#000" stroke-width="0.6" stroke-dasharray="2 1"' if o.ongoing else ""
-                out.append(f'<rect x="{xa:.2f}" y="{lane_y[lane]}" width="{w:.2f}" height="{lane_h}" '
-                           f'fill="{_COLOURS[colour]}"{extra}><title>{title}</title></rect>')
+                css = f"k-{colour}" + (" ongoing" if o.ongoing else "")
+                out.append(f'<rect x="{xa:.1f}" y="{lane_y[lane]}" width="{w:.1f}" height="{lane_h}" '
+                           f'class="{css}"><title>{title}</title></rect>')
         for start in h.blip_starts:
-            out.append(f'<rect x="{x(start):.2f}" y="{lane_y["power"]}" width="1" height="{lane_h}" '
-                       f'fill="{_COLOURS["blip"]}"><title>{escape(h.hub)} blip at {_human_time(start)}</title></rect>')
+            out.append(f'<rect x="{x(start):.1f}" y="{lane_y["power"]}" width="1" height="{lane_h}" '
+                       f'class="k-blip"><title>blip at {_human_time(start)}</title></rect>')
     out.append("</svg>")
     return "\n".join(out)
 
@@ -378,6 +384,11 @@ availability or the outage list.</dd>
 </dl>"""
 
 
+def _colour_css() -> str:
+    rules = [f".k-{key} {{ fill: {colour}; }}" for key, colour in _COLOURS.items()]
+    return "\n".join(rules + [".ongoing { stroke: #000; stroke-width: 0.6; stroke-dasharray: 2 1; }"])
+
+
 def render_html(report: Report) -> str:
     title = f"hubwatch outage report {_human_time(report.start)} – {_human_time(report.end)} UTC"
     legend = "".join(f'<span><i style="background:{_COLOURS[key]}"></i>{escape(text)}</span>' for key, text in _LEGEND)
@@ -386,7 +397,7 @@ def render_html(report: Report) -> str:
     body = [
         "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
         '<meta name="viewport" content="width=device-width, initial-scale=1">',
-        f"<title>{escape(title)}</title><style>{_CSS}</style></head><body>",
+        f"<title>{escape(title)}</title><style>{_CSS}{_colour_css()}</style></head><body>",
         "<header><h1>Outage report</h1>",
         f'<p class="sub">{_human_time(report.start)} → {_human_time(report.end)} UTC ({measured}{note}) · '
         f"{len(report.hubs)} hubs · generated {_human_time(report.generated_at)} UTC by hubwatch-report "

@@ -108,11 +108,13 @@ if [[ $UNINSTALL == 1 ]]; then
     say "removed the unit, $OPT_DIR and the ping sysctl drop-in"
     if [[ $PURGE == 1 ]]; then
         rm -rf "$ETC_DIR" "$STATE_DIR"
-        if [[ $LIVE == 1 ]] && getent passwd "$ACCOUNT" >/dev/null; then
+        # Only an account this installer made (its comment says so) is deleted.
+        if [[ $LIVE == 1 ]] && [[ "$(getent passwd "$ACCOUNT" | cut -d: -f5)" == "hubwatch agent" ]]; then
             userdel "$ACCOUNT" 2>/dev/null || true
             getent group "$ACCOUNT" >/dev/null && groupdel "$ACCOUNT" 2>/dev/null || true
+            say "deleted the $ACCOUNT account"
         fi
-        say "purged $ETC_DIR, $STATE_DIR (the outbox) and the $ACCOUNT account"
+        say "purged $ETC_DIR and $STATE_DIR (the outbox)"
     else
         say "kept $ETC_DIR (config, password) and $STATE_DIR (outbox); --uninstall --purge removes them"
     fi
@@ -127,7 +129,8 @@ if [[ ! "$BROKER" =~ ^(mqtt|mqtts)://([^/?#@[:space:]\"\'\\]+)/?$ ]]; then
     die_usage "broker URL '$BROKER' is not valid: use mqtt://HOST[:PORT] or mqtts://HOST[:PORT] (no user or password in it)"
 fi
 hostport=${BASH_REMATCH[2]}
-if [[ "$hostport" =~ :([^:\]]*)$ ]]; then  # a port (an IPv6 address is in [brackets])
+port_re=':([^]:]*)$'  # a port after the last colon (an IPv6 address is in [brackets])
+if [[ "$hostport" =~ $port_re ]]; then
     port=${BASH_REMATCH[1]}
     [[ "$port" =~ ^[0-9]{1,5}$ ]] && (( 10#$port >= 1 && 10#$port <= 65535 )) \
         || die_usage "broker URL '$BROKER' has an invalid port"
@@ -314,7 +317,9 @@ fi
 # --- systemd unit and the ping permission ----------------------------------------------------------
 mkdir -p "$(dirname "$UNIT_PATH")"
 tmp=$(mktemp "$(dirname "$UNIT_PATH")/.$UNIT_NAME.XXXXXX")
-sed -e "s/^User=hubwatch\$/User=$ACCOUNT/" -e "s/^Group=hubwatch\$/Group=$ACCOUNT/" \
+UNIT_GROUP=$ACCOUNT
+getent passwd "$ACCOUNT" >/dev/null && UNIT_GROUP=$(id -gn "$ACCOUNT")
+sed -e "s/^User=hubwatch\$/User=$ACCOUNT/" -e "s/^Group=hubwatch\$/Group=$UNIT_GROUP/" \
     "$REPO/systemd/$UNIT_NAME" >"$tmp"
 chmod 0644 "$tmp"
 mv "$tmp" "$UNIT_PATH"
@@ -332,7 +337,7 @@ else
 fi
 mkdir -p "$(dirname "$SYSCTL_PATH")"
 cat >"$SYSCTL_PATH" <<EOF
-# Written by hubwatch's install-agent.sh: lets the hubwatch agent's group (gid $GID) send
+# Written by hubwatch's install-agent.sh: lets the agent's group ($GROUP, gid $GID) send
 # ICMP echo through unprivileged ping sockets, so the agent needs no root and no capability.
 # Kept as wide as this machine already allowed. Removed by install-agent.sh --uninstall.
 net.ipv4.ping_group_range = $lo $hi

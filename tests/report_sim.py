@@ -60,10 +60,15 @@ def simulate_hub(hub: str, start: int, end: int, seed: object, two_ups: bool = F
     """Random outages of one hub from ``start`` to ``end`` (some straddle either edge)."""
     rng = random.Random(f"{seed}-{hub}")
     out: list[SimOutage] = []
-    for t in _poisson_times(rng, start, end, DAY / power_per_day):
+    t = start
+    while True:  # one UPS is on battery at most once at a time: cuts follow each other
+        t += int(rng.expovariate(power_per_day / DAY)) + 1
+        if t >= end:
+            break
         if rng.random() < 0.3:
-            out.append(SimOutage(hub, "gw01", "power", t, t + rng.randint(2, 25), "mains_failure", "hubups",
-                                 99.0, blip=True))
+            length = rng.randint(2, 25)
+            out.append(SimOutage(hub, "gw01", "power", t, t + length, "mains_failure", "hubups", 99.0, blip=True))
+            t += length
             continue
         length = rng.randint(60, 5 * 3600)
         flat_after = 150 * 60  # the battery lasts two and a half hours
@@ -76,10 +81,11 @@ def simulate_hub(hub: str, start: int, end: int, seed: object, two_ups: bool = F
         if length > flat_after:
             out.append(SimOutage(hub, "gw01", "hub_dark", t + flat_after, t + length + rng.randint(60, 300),
                                  "battery_exhausted"))
+        t += length + 400
     for t in _poisson_times(rng, start, end, 6 * DAY):
         out.append(SimOutage(hub, "gw01", "hub_dark", t, t + rng.randint(300, 3 * 3600), "uplink"))
     for t in _poisson_times(rng, start, end, 3 * DAY):
-        out.append(SimOutage(hub, "gw01", "uplink", t, t + rng.randint(120, 2 * 3600), "unreachable"))
+        out.append(SimOutage(hub, "gw01", "uplink", t, t + rng.randint(120, 2 * 3600), "internet_unreachable"))
     for host in ("lab01", "lab02", "lab03"):
         for t in _poisson_times(rng, start, end, 5 * DAY):
             out.append(SimOutage(hub, host, "host_down", t, t + rng.randint(600, 8 * 3600), "agent_silent"))

@@ -7,6 +7,7 @@ the full pipeline with the real collector and InfluxDB is tested elsewhere.
 
 from __future__ import annotations
 
+import os
 import random
 import re
 import signal
@@ -28,8 +29,9 @@ from tests.standin_collector import StandInCollector, sample_key
 
 REPO = Path(__file__).resolve().parent.parent
 HUB, HOST = "gilgit-sco-01", "gw01"
-#: kill -9s of the agent at random moments (the issue asks 200; this keeps the test under a minute).
-KILLS = 60
+#: kill -9s of the agent at random moments. The issue asks 200 (about 50 s here); the default
+#: keeps the whole delivery suite near a minute. HUBWATCH_TEST_KILLS=200 runs the full count.
+KILLS = int(os.environ.get("HUBWATCH_TEST_KILLS", "100"))
 BACKLOG = 100_000
 
 
@@ -126,6 +128,8 @@ def test_broker_down_with_kills_then_up_everything_arrives_once(tmp_path, mosqui
         broker.start()
         agent.wait_log(r"connected to mqtt://")
         assert collector.wait_for(lambda c: len(c.samples) >= held.samples, 15)
+        assert collector.wait_for(lambda c: any(s.fields.get("mqtt_connected") is True
+                                                for s in c.by_key.values()), 10)
         assert agent.terminate() == 0
         total = assert_all_delivered(collector, db)
         samples = list(collector.by_key.values())
@@ -151,14 +155,17 @@ def test_kill_9_at_random_moments_never_loses_a_committed_sample(tmp_path, mosqu
                 time.sleep(rng.uniform(0.05, 0.4))  # anywhere, start-up included
             agent.kill()
             logged = agent.committed_through()
-            conn = sqlite3.connect(db)
-            try:
-                assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)]
-            finally:
-                conn.close()
-            assert ever_committed(db) >= logged, f"kill {i}: a commit the agent logged is gone"
+            if db.exists():
+                # read-only: the file is left exactly as the kill left it for the next start
+                conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+                try:
+                    assert conn.execute("PRAGMA integrity_check").fetchall() == [("ok",)], f"kill {i}"
+                finally:
+                    conn.close()
+                assert ever_committed(db) >= logged, f"kill {i}: a commit the agent logged is gone"
+            log_text = agent.log_path.read_text()
+            assert "corrupt" not in log_text and "Traceback" not in log_text, log_text
             agent.log_path.unlink()
-        assert "corrupt" not in (tmp_path / "agent.log").read_text() if (tmp_path / "agent.log").exists() else True
         agent = AgentProcess(config, tmp_path, "agent").start()
         agent.wait_log(r"through id \d+")
         assert agent.terminate() == 0
