@@ -171,10 +171,8 @@ class Agent:
         errors = sum(1 for s in samples if s.measurement == "agent" and "probe" in s.tags)
         if errors:
             self.outbox.count("probe_errors_total", errors)
-        samples = list(samples) + [self._agent_sample(reading)]
-        n = self.outbox.add(samples, reading, "metrics", seen_synced=self.guard.seen_synced)
+        self._add(list(samples) + [self._agent_sample(reading)], reading, "metrics")
         self._pack_wanted = True
-        self._log_committed(n)
 
     def _record_ups(self, samples: list[Sample], for_cycle: bool) -> None:
         events, metrics = [], []
@@ -196,8 +194,7 @@ class Agent:
                 metrics.append(sample)
         reading = self._read_clock()
         if events:
-            n = self.outbox.add(events, reading, "events", seen_synced=self.guard.seen_synced)
-            self._log_committed(n)
+            self._add(events, reading, "events")
             made = self.outbox.pack(reading, seen_synced=self.guard.seen_synced)
             self.sender.add_priority([seq for seq, kind in made if kind == "events"])
             self.sender.pump()
@@ -205,9 +202,21 @@ class Agent:
             errors = sum(1 for s in metrics if s.measurement == "agent")
             if errors:
                 self.outbox.count("probe_errors_total", errors)
-            n = self.outbox.add(metrics, reading, "metrics", seen_synced=self.guard.seen_synced)
-            self._log_committed(n)
+            self._add(metrics, reading, "metrics")
         self._pack_wanted = True
+
+    def _add(self, samples: list[Sample], reading: Reading, kind: str) -> int:
+        """Commit samples; a write the disk refuses (full, read-only) drops them, counted."""
+        try:
+            n = self.outbox.add(samples, reading, kind, seen_synced=self.guard.seen_synced)
+        except sqlite3.DatabaseError as exc:
+            if is_corruption(exc):
+                raise
+            log.error("could not store %d samples in the outbox (%s); they are dropped and counted", len(samples), exc)
+            self.outbox.count("dropped_samples_total", len(samples))
+            return 0
+        self._log_committed(n)
+        return n
 
     def _log_committed(self, n: int) -> None:
         if log.isEnabledFor(logging.DEBUG):

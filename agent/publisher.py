@@ -24,7 +24,7 @@ import random
 import ssl
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable
 
 from paho.mqtt.client import CallbackAPIVersion, Client, MQTTErrorCode

@@ -11,21 +11,15 @@ after the window's start or are still ongoing.
 
 from __future__ import annotations
 
-import base64
-import http.client
-import json
-import socket
 from dataclasses import dataclass
 from typing import Iterable, Iterator
-from urllib.parse import urlencode, urlsplit
 
-from collector.config import InfluxConfig
+from collector.influxql import InfluxQL, QueryError
 from collector.influxql import quote_ident as _ident
 from collector.influxql import quote_string as _string
 from collector.report import OutageRecord
 
 DEFAULT_LOOKBACK_S = 31 * 86400.0
-CHUNK_SIZE = 20000
 
 _OUTAGE_COLUMNS = ("duration_seconds", "end_seconds", "ongoing", "cause", "min_battery_charge_percent", "blip",
                    "hub", "host", "kind", "ups")
@@ -35,78 +29,13 @@ _OUTAGE_COLUMNS = ("duration_seconds", "end_seconds", "ongoing", "cause", "min_b
 _PRESENCE = (("agent", "outbox_samples"), ("system", "uptime_seconds"), ("ups", "status"), ("status", "state"))
 
 
-class ReportSourceError(Exception):
-    """InfluxDB could not be read (down, refused, or it answered with an error)."""
+#: Kept under the names the report code uses.
+ReportSourceError = QueryError
+InfluxQuery = InfluxQL
 
 
 def _ns(seconds: float) -> int:
     return int(round(seconds * 1e9))
-
-
-class InfluxQuery:
-    """InfluxQL over HTTP with the collector's ``influxdb`` settings."""
-
-    def __init__(self, config: InfluxConfig):
-        self.config = config
-        parts = urlsplit(config.url)
-        self._https = parts.scheme == "https"
-        self._host = parts.hostname or "127.0.0.1"
-        self._port = parts.port or (443 if self._https else 8086)
-        self._path = parts.path.rstrip("/") + "/query"
-        self.database = config.bucket if config.api == "v2" else config.database
-        self._headers = {"Content-Type": "application/x-www-form-urlencoded", "Accept": "application/json"}
-        if config.token is not None:
-            self._headers["Authorization"] = f"Token {config.token.reveal()}"
-        elif config.username:
-            password = config.password.reveal() if config.password else ""
-            basic = base64.b64encode(f"{config.username}:{password}".encode()).decode()
-            self._headers["Authorization"] = f"Basic {basic}"
-
-    def measurement(self, name: str) -> str:
-        """``name`` qualified with the configured retention policy, quoted."""
-        if self.config.api == "v1" and self.config.retention_policy:
-            return f"{_ident(self.config.retention_policy)}.{_ident(name)}"
-        return _ident(name)
-
-    def _post(self, influxql: str) -> str:
-        body = urlencode({"q": influxql, "db": self.database, "epoch": "ns", "chunked": "true",
-                          "chunk_size": str(CHUNK_SIZE)})
-        cls = http.client.HTTPSConnection if self._https else http.client.HTTPConnection
-        conn = cls(self._host, self._port, timeout=self.config.timeout)
-        try:
-            conn.request("POST", self._path, body=body, headers=self._headers)
-            response = conn.getresponse()
-            text = response.read().decode("utf-8", "replace")
-        except (OSError, http.client.HTTPException) as exc:
-            reason = "timed out" if isinstance(exc, socket.timeout) else (exc.strerror or str(exc)
-                                                                          if isinstance(exc, OSError) else str(exc))
-            raise ReportSourceError(f"cannot reach InfluxDB at {self.config.url}: {reason}") from None
-        finally:
-            conn.close()
-        if response.status in (401, 403):
-            raise ReportSourceError(f"InfluxDB at {self.config.url} refused the credentials "
-                                    f"(HTTP {response.status}): {_error_text(text)}")
-        if response.status != 200:
-            raise ReportSourceError(f"InfluxDB at {self.config.url} answered HTTP {response.status}: "
-                                    f"{_error_text(text)}")
-        return text
-
-    def statements(self, influxql: str) -> dict[int, list[dict]]:
-        """Run one or more ``;``-separated statements; the series of each, by statement id.
-        A series split over several chunks comes back as several entries with the same name
-        and tags, which callers simply concatenate."""
-        text = self._post(influxql)
-        out: dict[int, list[dict]] = {}
-        for answer in _json_objects(text):
-            if "error" in answer:
-                raise ReportSourceError(f"InfluxDB at {self.config.url}: {answer['error']}")
-            for result in answer.get("results", []):
-                if "error" in result:
-                    raise ReportSourceError(f"InfluxDB at {self.config.url} (database {self.database!r}): "
-                                            f"{result['error']}")
-                out.setdefault(result.get("statement_id", 0), []).extend(result.get("series") or [])
-        return out
-
 
 
 def _series_rows(series_list: list[dict]) -> Iterator[dict]:
@@ -118,29 +47,6 @@ def _series_rows(series_list: list[dict]) -> Iterator[dict]:
             row = dict(zip(columns, values))
             row.update(tags)
             yield row
-
-
-def _error_text(text: str) -> str:
-    try:
-        return str(json.loads(text).get("error", text)).strip()[:300]
-    except (ValueError, AttributeError):
-        return text.strip()[:300] or "(no body)"
-
-
-def _json_objects(text: str) -> Iterator[dict]:
-    """The JSON objects of a chunked answer (one after another, newline separated)."""
-    decoder = json.JSONDecoder()
-    i, n = 0, len(text)
-    while i < n:
-        while i < n and text[i].isspace():
-            i += 1
-        if i >= n:
-            break
-        try:
-            obj, i = decoder.raw_decode(text, i)
-        except ValueError:
-            raise ReportSourceError(f"InfluxDB answered something that is not JSON: {text[i:i + 120]!r}") from None
-        yield obj
 
 
 def known_hubs(client: InfluxQuery) -> set[str]:

@@ -17,6 +17,18 @@ pytest_plugins = [
     "tests.services.victoria",
 ]
 
+@pytest.fixture(autouse=True)
+def _no_leftover_processes():
+    """Stop the hubwatch processes (collectors, agents) a test started and left running.
+    Services (brokers, databases, upsd) belong to their fixtures, some of them module-wide."""
+    from tests.services.common import ServiceProcess
+    before = len(ServiceProcess.started)
+    yield
+    for proc in ServiceProcess.started[before:]:
+        if proc.name.startswith(("collector-", "agent-")):
+            proc.stop(timeout=5)
+
+
 #: Every sample any probe emitted during this test session (see test_zz_catalogue_coverage).
 EMITTED: list[Sample] = []
 

@@ -401,6 +401,8 @@ def test_dashboard_is_current_schema_with_unique_panel_ids(dashboard):
     assert panels, "no panels"
     ids = [p["id"] for p in panels]
     assert len(ids) == len(set(ids)), f"duplicate panel ids: {sorted(ids)}"
+    titles = [p["title"] for p in panels]
+    assert len(titles) == len(set(titles)), f"two panels share a title: {sorted(titles)}"
     for panel in panels:
         assert panel["type"] in PANEL_TYPES, f"panel {panel['id']}: type {panel['type']!r}"
         assert panel["title"], f"panel {panel['id']} has no title"

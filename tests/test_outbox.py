@@ -160,7 +160,7 @@ def test_a_truncated_outbox_is_set_aside_and_what_can_be_read_is_kept(tmp_path, 
         # the fresh outbox works and its seqs go on past the old ones
         outbox.add(net_samples(5, start=50_000), reading())
         assert outbox.pack(reading(), force=True)[0][0] > 10
-    assert f"could not be recovered" in caplog.text and q.moved_to.name in caplog.text
+    assert "could not be recovered" in caplog.text and q.moved_to.name in caplog.text
 
 
 def test_damaged_pages_in_the_middle_lose_only_what_they_held(tmp_path):

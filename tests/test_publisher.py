@@ -171,3 +171,11 @@ def test_sent_but_unconfirmed_messages_go_again_byte_for_byte(mosquitto, harness
             payloads = [wire.encode(e) for _, e in collector.messages]
         assert {wire.decode(p).seq for p in originals.values()} == {1, 2}
         assert all(wire.encode(wire.decode(p)) in payloads for p in originals.values())
+
+
+def test_reconnect_backoff_doubles_with_jitter_and_caps():
+    backoff = Backoff(minimum=1.0, maximum=60.0)
+    for attempt, base in [(0, 1), (1, 2), (3, 8), (6, 60), (40, 60)]:
+        delays = [backoff.delay(attempt) for _ in range(200)]
+        assert all(base / 2 <= d <= base for d in delays)
+        assert max(delays) - min(delays) > base / 4  # jittered: agents of many hubs do not reconnect in step

@@ -33,7 +33,13 @@ def port_open(port: int, host: str = LOOPBACK) -> bool:
 
 
 class ServiceProcess:
-    """One running program, its output in ``log_path``. Use as a context manager."""
+    """One running program, its output in ``log_path``. Use as a context manager.
+
+    Every process started is remembered in ``started`` so the test session can stop any a
+    test left running (see the ``_no_leftover_processes`` fixture in conftest.py).
+    """
+
+    started: list["ServiceProcess"] = []
 
     def __init__(self, name: str, argv: Sequence[str], workdir: Path, env: dict[str, str] | None = None,
                  user_env: bool = True):
@@ -53,6 +59,7 @@ class ServiceProcess:
                                          start_new_session=True)
         finally:
             log.close()
+        ServiceProcess.started.append(self)
         return self
 
     def log_tail(self, lines: int = 30) -> str:
