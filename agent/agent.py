@@ -28,6 +28,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 from typing import Any, Callable
 
+from agent import sdnotify
 from agent.clock import Clock, ClockGuard, Reading, SystemClock
 from agent.config import AgentConfig
 from agent.outbox import PACK_MESSAGES_PER_CALL, Outbox, OutboxError, is_corruption
@@ -114,6 +115,7 @@ class Agent:
         self._reading: Reading | None = None
         self._pack_wanted = True
         self._cycle_due_for_ups = False
+        self._heartbeat = sdnotify.Heartbeat()
 
     # --- control --------------------------------------------------------------------------
     def request_stop(self) -> None:
@@ -131,10 +133,13 @@ class Agent:
             log.error("this start set a corrupt outbox aside: %s (%d samples recovered, %s lost)",
                       q.moved_to, q.recovered, "an unknown number" if q.lost is None else q.lost)
         self.session.start()
+        # Ready once the outbox is open: the agent measures and buffers with or without a broker.
+        sdnotify.ready(f"hub={self.config.hub} host={self.config.host}: measuring every {self.config.interval:g}s")
         now = time.monotonic()
         next_cycle = next_poll = now
         try:
             while not stop.is_set() and not self._stop.is_set():
+                self._heartbeat.beat()
                 now = time.monotonic()
                 if now >= next_cycle:
                     if self.cycle is None or not self.cycle.busy:
@@ -285,6 +290,7 @@ class Agent:
             return False
 
     def _shutdown(self) -> None:
+        sdnotify.stopping("sending what is left, then stopping")
         log.info("stopping: sending what is left for up to %gs", self.config.publish.flush_timeout)
         try:
             reading = self._read_clock()
