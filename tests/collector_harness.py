@@ -90,3 +90,39 @@ def count_points(influx, db: str, measurement: str, where: str = "") -> int:
     if not rows:
         return 0
     return max(v for k, v in rows[0].items() if k.startswith("count_"))
+
+
+def agent_command(config: Path) -> list[str]:
+    exe = Path(sys.executable).parent / "hubwatch-agent"
+    base = [str(exe)] if exe.exists() else [sys.executable, "-m", "agent.cli"]
+    return base + ["-c", str(config), "--log-level", "info"]
+
+
+def write_agent_config(path: Path, broker_url: str, hub: str, host: str, probes: str, *, interval: str = "1s",
+                       extra: str = "") -> Path:
+    path.write_text(f"""hub: {hub}
+host: {host}
+interval: {interval}
+ups_poll: 0.5s
+mqtt:
+  url: {broker_url}
+  keepalive: 5s
+  reconnect_min: 0.2s
+  reconnect_max: 1s
+buffer:
+  path: {path.parent / (hub + '-' + host + '.outbox.db')}
+  resend_after: 5s
+clock:
+  require_sync: false
+probes:
+{probes}
+{extra}""")
+    return path
+
+
+def start_agent(tmp_path: Path, broker_url: str, hub: str, host: str, probes: str, **kw) -> ServiceProcess:
+    config = write_agent_config(tmp_path / f"agent-{hub}-{host}.yaml", broker_url, hub, host, probes, **kw)
+    proc = ServiceProcess(f"agent-{hub}-{host}", agent_command(config), tmp_path / f"run-agent-{hub}-{host}")
+    proc.start()
+    proc.wait_until(lambda: "agent started" in proc.log_path.read_text(), 20, "started")
+    return proc

@@ -166,7 +166,8 @@ def time_filter(time_range: TimeRange, mode: str = "backend") -> str:
                 return "now()"
             match = _RELATIVE.match(raw or "")
             return f"now() - {match.group(1)}{match.group(2)}" if match else f"{ms}ms"
-        return f"time >= {end(time_range.raw_from, time_range.from_ms)} and time <= {end(time_range.raw_to, time_range.to_ms)}"
+        start, stop = end(time_range.raw_from, time_range.from_ms), end(time_range.raw_to, time_range.to_ms)
+        return f"time >= {start} and time <= {stop}"
     return f"time >= {time_range.from_ms}ms and time <= {time_range.to_ms}ms"
 
 

@@ -338,7 +338,8 @@ def catalogue_problems(select: Select, where: str) -> list[str]:
     return problems
 
 
-_SHOW_TAG_VALUES = re.compile(r'^SHOW TAG VALUES(?: FROM "(?P<m>\w+)")? WITH KEY = "(?P<key>\w+)"(?: WHERE (?P<where>.*))?$')
+_SHOW_TAG_VALUES = re.compile(r'^SHOW TAG VALUES(?: FROM "(?P<m>\w+)")? WITH KEY = "(?P<key>\w+)"'
+                              r'(?: WHERE (?P<where>.*))?$')
 
 
 def show_tag_values_problems(text: str, where: str) -> list[str]:
@@ -379,7 +380,8 @@ def test_the_parser_follows_sub_queries_and_catches_unknown_names():
     assert "mean() of 'status', a str field" in problems and "'charge' is not a field" in problems
     assert "WHERE names 'colour'" in problems and "GROUP BY 'planet'" in problems
     assert catalogue_problems(parse('SELECT "y" FROM (SELECT last("load1") AS "x" FROM "system")'), "q")
-    assert catalogue_problems(parse('SELECT "a" FROM "nowhere"'), "q") == ["q: measurement 'nowhere' is not in the catalogue"]
+    assert catalogue_problems(parse('SELECT "a" FROM "nowhere"'), "q") == [
+        "q: measurement 'nowhere' is not in the catalogue"]
 
 
 # --- structure ----------------------------------------------------------------------------
@@ -628,8 +630,8 @@ class Scenario:
             tx_b += (0 if uplink_down else 25_000) * 10
             s.add(HUB_B, "gw01", Sample("net", t, {"iface": "wlan0"}, {"rx_bytes_total": rx_b, "tx_bytes_total": tx_b,
                                                                        "link_up": True}))
-            s.add(HUB_B, "gw01", Sample("system", t, {}, {"uptime_seconds": 86400.0 + (i + HISTORY_CYCLES) * 10,
-                                                          "boot_time_seconds": ts - 86400.0 - (i + HISTORY_CYCLES) * 10}))
+            up_b = 86400.0 + (i + HISTORY_CYCLES) * 10
+            s.add(HUB_B, "gw01", Sample("system", t, {}, {"uptime_seconds": up_b, "boot_time_seconds": ts - up_b}))
             s.add(HUB_B, "gw01", Sample("ping", t, {"target": "internet", "address": "8.8.8.8"},
                                         {"loss_percent": 100.0, "reachable": False} if uplink_down else
                                         {"rtt_avg_ms": 140.0, "loss_percent": 0.0 if i % 13 else 33.3,
@@ -839,6 +841,7 @@ def check_shape(series: list[dict], query_text: str, where: str) -> None:
         assert s.get("values"), f"{where}: a series without values"
 
 
+@pytest.mark.services
 @pytest.mark.parametrize("path, panel_id, ref_id", TARGETS)
 def test_panel_query_returns_its_series_on_real_data(pipeline, path, panel_id, ref_id):
     dashboard = load(path)
@@ -867,6 +870,7 @@ def test_panel_query_returns_its_series_on_real_data(pipeline, path, panel_id, r
         check(rows_of(series), tr, pipeline)
 
 
+@pytest.mark.services
 def test_variables_offer_the_hubs_hosts_and_instances(pipeline):
     tr = time_range()
     for path in DASHBOARD_FILES:
@@ -877,6 +881,7 @@ def test_variables_offer_the_hubs_hosts_and_instances(pipeline):
     assert sorted({r["value"] for r in pipeline.influx.rows(expanded, db=pipeline.db)}) == ["gw01"]
 
 
+@pytest.mark.services
 def test_annotation_queries_return_the_outages(pipeline):
     detail = load(DASHBOARD_DIR / "hub-detail.json")
     [annotation] = [a for a in detail["annotations"]["list"] if not a.get("builtIn")]
@@ -888,6 +893,7 @@ def test_annotation_queries_return_the_outages(pipeline):
          "unclean_restart"])
 
 
+@pytest.mark.services
 def test_alert_rule_queries_find_the_ups_on_battery(pipeline):
     """Evaluated at the scenario's end: skardu-stp-02's UPS is on battery, with 41 minutes left."""
     t0_ms = pipeline.scenario.t0 // 10**6
@@ -995,7 +1001,8 @@ def check_lowest_charge(rows, tr, pipeline):
 
 
 def check_targets(rows, tr, pipeline):
-    assert {(r["host"], r["target"]) for r in rows} == {("gw01", "internet"), ("gw01", "gateway"), ("lab07", "internet")}
+    assert {(r["host"], r["target"]) for r in rows} == {("gw01", "internet"), ("gw01", "gateway"),
+                                                         ("lab07", "internet")}
 
 
 def check_outbox_peak(rows, tr, pipeline):
@@ -1036,6 +1043,7 @@ PANEL_CHECKS = {
 }
 
 
+@pytest.mark.services
 def test_availability_table_after_grafanas_transformations(pipeline):
     """Merge + group by hub (min), as the panel's transformations do: every hub that reported
     gets a row, and one without outages stays at 100%."""

@@ -103,18 +103,20 @@ class SystemProbe:
     @dataclass(frozen=True)
     class Config:
         disk_path: Path | None = None  # default: where the outbox lives
+        proc_root: Path | None = None  # default /proc; another root for containers and tests
 
     @classmethod
     def parse_config(cls, parent: Section, key: str) -> "SystemProbe.Config":
         section = parent.section(key)
-        config = cls.Config(disk_path=section.path_value("disk_path", None))
+        config = cls.Config(disk_path=section.path_value("disk_path", None),
+                            proc_root=section.path_value("proc_root", None))
         section.done()
         return config
 
     def __init__(self, config: Config, context: ProbeContext):
         self._config = config
         self._context = context
-        self._proc = Path(context.proc_root)
+        self._proc = Path(config.proc_root or context.proc_root)
         self._last_cpu: tuple[int, int] | None = None
 
     def _read(self, name: str) -> str:

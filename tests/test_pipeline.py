@@ -1,0 +1,237 @@
+"""The whole chain on real programs: NUT upsd + dummy-ups -> hubwatch-agent -> mosquitto ->
+hubwatch-collector -> influxd (and victoria-metrics for the v2 API), then outages, alerts
+and the report, with UPS scenarios played through dummy-ups. Intervals are short (1 s) so
+the scenarios run in seconds instead of minutes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from agent.catalogue import MEASUREMENTS
+from tests.collector_harness import start_agent, start_collector, wait_for
+from tests.services.proxy import TcpProxy
+from tests.test_alerts import Webhook
+
+REPO = Path(__file__).resolve().parent.parent
+DUMP = REPO.parent / "shared" / "data" / "nut-ddl" / "APC" / "APC__Back-UPS_RS_800__usbhid-ups__2.2.2__01.dev"
+HUB = "gilgit-sco-01"
+INFLUX_TYPES = {"float": "float", "integer": "int", "boolean": "bool", "string": "str"}
+
+
+def probes(nut_port: int, broker_port: int, extra: str = "") -> str:
+    return f"""  system: {{{extra}}}
+  network: {{interfaces: [lo]}}
+  ping: {{targets: {{internet: 127.0.0.1}}, count: 1, timeout: 0.3s, tcp_port: {broker_port}}}
+  nut: [{{name: hubups, port: {nut_port}}}]
+"""
+
+
+def rows(influx, q):
+    return influx.rows(q, db="hubwatch")
+
+
+def test_real_agent_to_influxdb_with_tags_units_and_types(tmp_path, nut_server, mosquitto, influx, emitted):
+    nut = nut_server({"hubups": DUMP})
+    start_collector(tmp_path, mosquitto, influx)
+    start_agent(tmp_path, mosquitto.url, HUB, "gw01", probes(nut.port, mosquitto.port))
+    for m in ("ups", "net", "system", "ping", "agent"):
+        wait_for(lambda: rows(influx, f'SELECT * FROM "{m}" LIMIT 1'), 20, f"{m} points")
+    [ups] = rows(influx, "SELECT * FROM ups ORDER BY time DESC LIMIT 1")
+    assert (ups["hub"], ups["host"], ups["ups"], ups["source"]) == (HUB, "gw01", "hubups", "nut")
+    # the dump's values, in the catalogue's units
+    assert ups["battery_charge_percent"] == 100.0 and ups["battery_runtime_seconds"] == 6922.0
+    assert ups["battery_voltage_volts"] == 27.4 and ups["input_voltage_volts"] == 228.0
+    assert ups["output_voltage_volts"] == 230.0 and ups["temperature_celsius"] == 29.2
+    assert ups["status"] == "OL" and ups["on_line"] is True and ups["on_battery"] is False
+    [net] = rows(influx, "SELECT * FROM net ORDER BY time DESC LIMIT 1")
+    assert net["iface"] == "lo" and net["rx_bytes_total"] > 0
+    [ping] = rows(influx, "SELECT * FROM ping ORDER BY time DESC LIMIT 1")
+    assert (ping["target"], ping["address"], ping["reachable"]) == ("internet", "127.0.0.1", True)
+    [system] = rows(influx, "SELECT * FROM system ORDER BY time DESC LIMIT 1")
+    assert system["uptime_seconds"] > 0 and system["host"] == "gw01"
+    # every stored field has the catalogue's type
+    for m in ("ups", "net", "system", "ping", "agent"):
+        for r in rows(influx, f'SHOW FIELD KEYS FROM "{m}"'):
+            spec = MEASUREMENTS[m].fields[r["fieldKey"]]
+            assert INFLUX_TYPES[r["fieldType"]] == spec.type, (m, r)
+
+
+def test_api_v2_end_to_end_through_influxdb_client(tmp_path, nut_server, mosquitto, influx, victoria):
+    nut = nut_server({"hubups": DUMP})
+    start_collector(tmp_path, mosquitto, influx, api="v2", influx_url=victoria.url, instance="v2",
+                    extra="outages: {enabled: false}\nalerts: {enabled: false}\n")
+    start_agent(tmp_path, mosquitto.url, HUB, "gw01", probes(nut.port, mosquitto.port))
+    [charge] = victoria.wait_export('{__name__="ups_battery_charge_percent"}', timeout=20)
+    assert charge["metric"]["hub"] == HUB and charge["metric"]["ups"] == "hubups" and charge["values"][0] == 100.0
+    [rx] = victoria.wait_export('{__name__="net_rx_bytes_total"}', timeout=20)
+    assert rx["metric"]["iface"] == "lo"
+    assert victoria.wait_export('{__name__="system_uptime_seconds"}', timeout=20)
+    assert victoria.wait_export('{__name__="ping_rtt_avg_ms", target="internet"}', timeout=20)
+
+
+# --- scenarios ---------------------------------------------------------------------------------
+
+def scenario_config(webhook: Webhook, **rules) -> str:
+    rule_lines = "\n".join(f"    {name}: {json.dumps(v)}" for name, v in rules.items())
+    return f"""outages:
+  agent_interval: 1s
+  min_power_s: 5s
+  recompute_interval: 1s
+alerts:
+  interval: 0.5s
+  rules:
+{rule_lines or '    {}'}
+  notifiers:
+    - type: webhook
+      url: {webhook.url}
+"""
+
+
+@pytest.fixture
+def webhook():
+    hook = Webhook()
+    yield hook
+    hook.close()
+
+
+def outages(influx, kind=None):
+    where = f" WHERE kind = '{kind}'" if kind else ""
+    return rows(influx, f"SELECT * FROM outage{where}")
+
+
+def report_json(tmp_path, collector_config: Path, start: float) -> dict:
+    result = subprocess.run([str(Path(sys.executable).parent / "hubwatch-report"), "-c", str(collector_config),
+                             "--from", time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(start - 5)),
+                             "--to", "now", "--format", "json"], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    return json.loads(result.stdout)
+
+
+def test_power_cut_blip_and_drain_alerts(tmp_path, nut_server, mosquitto, influx, webhook):
+    nut = nut_server({"hubups": DUMP})
+    started = time.time()
+    start_collector(tmp_path, mosquitto, influx, extra=scenario_config(
+        webhook, on_battery={"debounce": "3s"}, runtime_low={"threshold_minutes": 0.5, "window": "30s"},
+        battery_aging={"window": "20s"}))
+    start_agent(tmp_path, mosquitto.url, HUB, "gw01", probes(nut.port, mosquitto.port))
+    wait_for(lambda: rows(influx, "SELECT * FROM ups LIMIT 1"), 20, "first ups point")
+
+    # a blip: 2 s on battery, under min_power_s (5 s) and the on_battery debounce (3 s)
+    nut.set_vars("hubups", {"ups.status": "OB DISCHRG"})
+    time.sleep(2)
+    nut.set_vars("hubups", {"ups.status": "OL CHRG"})
+    time.sleep(4)
+    assert webhook.calls == []
+
+    # a power cut of 15 s
+    nut.set_vars("hubups", {"ups.status": "OB DISCHRG", "battery.charge": "95"})
+    time.sleep(15)
+    nut.set_vars("hubups", {"ups.status": "OL CHRG"})
+    wait_for(lambda: len(webhook.calls) >= 2, 20, "on_battery firing and resolved")
+    power = wait_for(lambda: [o for o in outages(influx, "power") if not o["blip"] and not o["ongoing"]], 20,
+                     "the power outage")
+    assert len(power) == 1 and abs(power[0]["duration_seconds"] - 15) <= 2, power
+    assert [(c["rule"], c["state"]) for _, c in webhook.calls] == [("on_battery", "firing"), ("on_battery", "resolved")]
+
+    # a steady drain from 100 % towards 20 %; the UPS's own runtime estimate is twice the
+    # truth (an aging battery): runtime_low must fire before LB, and battery_aging must fire
+    webhook.calls.clear()
+    lb_at = None
+    drain_start = time.time()
+    rate = 2.0  # % per second
+    charge = 100.0
+    while charge > 20:
+        charge = 100.0 - rate * (time.time() - drain_start)
+        low = charge <= 22
+        true_left = max(charge, 0) / rate
+        nut.set_vars("hubups", {"ups.status": "OB DISCHRG" + (" LB" if low else ""),
+                                "battery.charge": f"{max(charge, 0):.0f}", "battery.runtime": f"{true_left * 2:.0f}"},
+                     timeout=5)
+        if low and lb_at is None:
+            lb_at = time.time()
+    time.sleep(3)
+    nut.set_vars("hubups", {"ups.status": "OL CHRG", "battery.charge": "25", "battery.runtime": "60"})
+    wait_for(lambda: {c["rule"] for _, c in webhook.calls} >= {"runtime_low", "battery_aging", "battery_low"}, 20,
+             f"drain alerts (got {[(c['rule'], c['state'], c['message']) for _, c in webhook.calls]})")
+    fired = {}
+    for at, c in webhook.calls:
+        if c["state"] == "firing":
+            fired.setdefault(c["rule"], at)
+    assert fired["runtime_low"] < lb_at, "runtime_low must warn before the UPS says LB"
+    report = report_json(tmp_path, tmp_path / "collector-c1.yaml", started)
+    [hub] = report["hubs"]
+    assert hub["blips"] == 1
+    assert [o["kind"] for o in hub["outages"]].count("power") == 2  # the cut and the drain
+
+
+def test_uplink_cut_is_dark_then_reclassified_after_replay(tmp_path, nut_server, mosquitto, influx, webhook):
+    nut = nut_server({"hubups": DUMP})
+    proxy = TcpProxy(mosquitto.host, mosquitto.port)
+    try:
+        start_collector(tmp_path, mosquitto, influx, extra=scenario_config(webhook, hub_offline={"debounce": "2s"}))
+        start_agent(tmp_path, proxy.url, HUB, "gw01", probes(nut.port, mosquitto.port))
+        wait_for(lambda: rows(influx, "SELECT * FROM system LIMIT 1"), 20, "first samples")
+        time.sleep(2)
+        cut_at = time.time()
+        proxy.cut()
+        dark = wait_for(lambda: [o for o in outages(influx, "hub_dark") if o["ongoing"]], 20, "an ongoing hub_dark")
+        assert dark[0]["cause"] == "unknown"
+        time.sleep(max(0.0, 12 - (time.time() - cut_at)))
+        proxy.restore()
+        back_at = time.time()
+        closed = wait_for(lambda: [o for o in outages(influx, "hub_dark") if not o["ongoing"]
+                                   and o["cause"] == "uplink"], 30, "hub_dark reclassified as uplink")
+        assert len(outages(influx, "hub_dark")) == 1
+        assert abs(closed[0]["duration_seconds"] - (back_at - cut_at)) <= 4, closed
+        rules = [(c["rule"], c["state"]) for _, c in webhook.calls]
+        assert ("hub_offline", "firing") in rules
+    finally:
+        proxy.close()
+
+
+def test_battery_exhausted_and_reboots(tmp_path, nut_server, mosquitto, influx, webhook):
+    nut = nut_server({"hubups": DUMP})
+    proc = tmp_path / "proc"
+    proc.mkdir()
+    for name in ("uptime", "meminfo", "loadavg"):
+        shutil.copy(Path("/proc") / name, proc / name)
+    stat = Path("/proc/stat").read_text()
+
+    def boot(btime: int) -> None:
+        lines = [l if not l.startswith("btime") else f"btime {btime}" for l in stat.splitlines()]
+        (proc / "stat").write_text("\n".join(lines) + "\n")
+    boot(int(time.time()) - 3600)
+    start_collector(tmp_path, mosquitto, influx, extra=scenario_config(webhook))
+    agent_probes = probes(nut.port, mosquitto.port, extra=f"proc_root: {proc}")
+    agent = start_agent(tmp_path, mosquitto.url, HUB, "gw01", agent_probes)
+    wait_for(lambda: rows(influx, "SELECT * FROM system LIMIT 1"), 20, "first samples")
+
+    # the battery runs flat: OB, then OB LB, then the PC dies (kill -9) and comes back later
+    nut.set_vars("hubups", {"ups.status": "OB DISCHRG", "battery.charge": "30"})
+    time.sleep(3)
+    nut.set_vars("hubups", {"ups.status": "OB DISCHRG LB", "battery.charge": "8"})
+    time.sleep(3)
+    agent.kill()
+    time.sleep(8)
+    nut.set_vars("hubups", {"ups.status": "OL CHRG", "battery.charge": "10"})
+    boot(int(time.time()) - 2)  # it booted again
+    agent = start_agent(tmp_path, mosquitto.url, HUB, "gw01", agent_probes)
+    dark = wait_for(lambda: [o for o in outages(influx, "hub_dark") if not o["ongoing"]], 30, "the dark period closed")
+    assert [o["cause"] for o in dark] == ["battery_exhausted"]
+    wait_for(lambda: outages(influx, "reboot"), 20, "a reboot outage")
+    [reboot] = outages(influx, "reboot")
+    assert reboot["cause"] == "unclean_restart"
+
+    # a clean restart (SIGTERM: the agent says `stopped`) with a new boot time: no reboot outage
+    agent.stop()
+    boot(int(time.time()))
+    start_agent(tmp_path, mosquitto.url, HUB, "gw01", agent_probes)
+    time.sleep(6)
+    assert len(outages(influx, "reboot")) == 1
