@@ -664,7 +664,7 @@ class Simulator:
             "states": dict(states), "outbox_messages": self.outbox_messages(),
             "slip_p99": round(slips[int(len(slips) * 0.99)] if slips else 0.0, 3),
             "slip_max": round(slips[-1] if slips else 0.0, 3),
-            "generated": sum(self.generated.values()), "acked": sum(self.acked.values()),
+            "generated_total": sum(self.generated.values()), "acked_total": sum(self.acked.values()),
             **{k: v for k, v in self.stats.items()},
         }
 
@@ -746,12 +746,11 @@ class Simulator:
             await asyncio.sleep(0.5)
         drain_seconds = time.monotonic() - drain_started
         emit({"final": {
+            **self.snapshot(started),
             "hubs": len(self.hubs), "generate_seconds": round(args.duration, 1),
             "generate_cpu_seconds": round(gen_cpu, 2), "drain_seconds": round(drain_seconds, 1),
             "generated": dict(self.generated), "acked": dict(self.acked),
-            "outbox_messages": self.outbox_messages(),
             "outbox_samples": sum(sum(m.counts.values()) for h in self.hubs for m in h.outbox.values()),
-            **self.snapshot(started),
         }})
         for hub in self.hubs:
             if hub.link is not None:

@@ -76,7 +76,8 @@ class Finding:
 def drain_rate(readings: list[UpsReading], window_ns: int, now_ns: int) -> float | None:
     """Charge lost per second (% / s) over the window, by least squares; None when too little data."""
     points = [(r.t, r.charge) for r in readings if r.charge is not None and r.t >= now_ns - window_ns]
-    if len(points) < 3 or points[-1][0] - points[0][0] < 20 * NS:
+    # at least three readings spread over a third of the window (20 s at most)
+    if len(points) < 3 or points[-1][0] - points[0][0] < min(20 * NS, window_ns // 3):
         return None
     t0 = points[0][0]
     xs = [(t - t0) / NS for t, _ in points]

@@ -141,21 +141,22 @@ def test_power_cut_blip_and_drain_alerts(tmp_path, nut_server, mosquitto, influx
     assert [(c["rule"], c["state"]) for _, c in webhook.calls] == [("on_battery", "firing"), ("on_battery", "resolved")]
 
     # a steady drain from 100 % towards 20 %; the UPS's own runtime estimate is twice the
-    # truth (an aging battery): runtime_low must fire before LB, and battery_aging must fire
+    # truth (an aging battery): runtime_low must fire before LB, and battery_aging must fire.
+    # Each step takes as long as upsd needs to serve it, so the true rate is measured as we go.
     webhook.calls.clear()
     lb_at = None
-    drain_start = time.time()
-    rate = 2.0  # % per second
-    charge = 100.0
+    steps = []  # (when upsd served it, charge)
+    charge, rate = 100, 3.0
     while charge > 20:
-        charge = 100.0 - rate * (time.time() - drain_start)
         low = charge <= 22
-        true_left = max(charge, 0) / rate
-        nut.set_vars("hubups", {"ups.status": "OB DISCHRG" + (" LB" if low else ""),
-                                "battery.charge": f"{max(charge, 0):.0f}", "battery.runtime": f"{true_left * 2:.0f}"},
-                     timeout=5)
+        nut.set_vars("hubups", {"ups.status": "OB DISCHRG" + (" LB" if low else ""), "battery.charge": str(charge),
+                                "battery.runtime": f"{2 * charge / rate:.0f}"}, timeout=5)
+        steps.append((time.time(), charge))
         if low and lb_at is None:
             lb_at = time.time()
+        if len(steps) >= 2:  # % per second, as actually played
+            rate = (steps[0][1] - steps[-1][1]) / (steps[-1][0] - steps[0][0])
+        charge -= 3
     time.sleep(3)
     nut.set_vars("hubups", {"ups.status": "OL CHRG", "battery.charge": "25", "battery.runtime": "60"})
     wait_for(lambda: {c["rule"] for _, c in webhook.calls} >= {"runtime_low", "battery_aging", "battery_low"}, 20,
