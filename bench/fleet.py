@@ -119,6 +119,7 @@ class Simulators:
         self.stats: dict[int, dict] = {}
         self.stats_history: list[tuple[float, int, dict]] = []
         self.canaries: "queue.Queue[tuple[str, int]]" = queue.Queue()
+        self.cuts: list[tuple[str, int, float]] = []
         self._lock = threading.Lock()
         per = math.ceil(hubs / procs)
         for i in range(procs):
@@ -146,6 +147,8 @@ class Simulators:
                 continue
             if "canary" in obj:
                 self.canaries.put((obj["canary"][0], obj["canary"][1]))
+            elif "cut" in obj:
+                self.cuts.append(tuple(obj["cut"]))
             elif "stats" in obj:
                 with self._lock:
                     self.stats[index] = obj["stats"]
@@ -268,6 +271,10 @@ class RunResult:
     collector_lag_max: float = math.nan
     collector_lag_p95: float = math.nan
     collector_queue_max: float = math.nan
+    alert_delay_p50: float = math.nan
+    alert_delay_p95: float = math.nan
+    alerts_expected: int = 0
+    alerts_missing: int = 0
     cpu: dict[str, float] = field(default_factory=dict)
     rss: dict[str, float] = field(default_factory=dict)
     machine_cpu: float = math.nan
@@ -321,6 +328,28 @@ dead_letter:
   path: {path.parent / (instance + '.deadletter.jsonl')}
 """)
     return path
+
+
+def alert_delays(result: RunResult, influx: InfluxServer, cuts: list, generation_end: float) -> None:
+    """How long after a power cut its on_battery alert was stored (the rule's debounce is 30 s):
+    the outage and alert engine keeping up, or not. Cuts that lasted at least 60 s and began
+    at least 120 s before the sampling stopped are expected to have fired."""
+    fired: dict[str, list[int]] = {}
+    for row in influx.rows('SELECT "state" FROM "alert" WHERE "rule" = \'on_battery\' GROUP BY "hub"', db="hubwatch"):
+        if row.get("state") == "firing":
+            fired.setdefault(row["hub"], []).append(row["time"])
+    delays, missing = [], 0
+    for hub, t, seconds in cuts:
+        if seconds < 60 or t / 1e9 > generation_end - 120:
+            continue
+        later = [f for f in fired.get(hub, []) if f >= t]
+        if later:
+            delays.append((min(later) - t) / 1e9)
+        else:
+            missing += 1
+    result.alerts_expected = len(delays) + missing
+    result.alerts_missing = missing
+    result.alert_delay_p50, result.alert_delay_p95 = percentile(delays, 50), percentile(delays, 95)
 
 
 def count_stored(influx: InfluxServer, db: str) -> dict[str, int]:
@@ -416,6 +445,9 @@ def run_fleet(work: Path, hubs: int, collectors: int, simulators: int, args) -> 
         result.collector_lag_max = max(clags or [math.nan])
         result.collector_lag_p95 = percentile(clags, 95)
         result.collector_queue_max = max([r["queue_depth"] for r in rows if r.get("queue_depth") is not None] or [math.nan])
+        # the leader's work: each power cut that lasted is an on_battery alert, after its 30 s debounce
+        if not args.no_engine:
+            alert_delays(result, influx, sims.cuts, t0_wall + args.duration)
         # rates and the simulators' own health
         published = sum(f.get("published", 0) for f in sims.finals)
         result.messages_per_s = published / args.duration

@@ -32,7 +32,8 @@ few minutes show every case; see ``Scenario``):
 
 Writes JSON lines on stdout: ``{"ready": ...}`` once every hub is connected, ``{"canary":
 [hub, t_ns]}`` for a sampled live message (its ``system`` sample's time: the benchmark
-times how long until it is queryable in InfluxDB), ``{"stats": ...}`` every few seconds,
+times how long until it is queryable in InfluxDB), ``{"cut": [hub, t_ns, seconds]}`` when a
+running hub loses mains power, ``{"stats": ...}`` every few seconds,
 and ``{"final": ...}`` at the end: samples generated and acknowledged per measurement.
 After ``--duration`` no new samples are taken: every hub's power and link come back and the
 outboxes drain (up to ``--drain-timeout``).
@@ -469,6 +470,8 @@ class Hub:
             self.mains = False
             self.cut_end = now + _log_uniform(rng, sc.cut_seconds)
             sim.stats["power_cuts"] += 1
+            if self.state == "up":  # the benchmark times the on_battery alert from here
+                emit({"cut": [self.hub, time.time_ns(), round(self.cut_end - now, 1)]})
         elif not self.mains and (now >= self.cut_end or not generating):
             self.mains = True
             self.next_cut = now + _after(rng, sc.power_cuts_per_hour)

@@ -569,6 +569,7 @@ class Demo:
     extra_dirs: list[Path] = field(default_factory=list)
     stop_event: threading.Event = field(default_factory=threading.Event)
     scenario_errors: list[str] = field(default_factory=list)
+    ups_data: Path = NUT_DDL
 
     def __post_init__(self) -> None:
         self.broker = self.influx = self.nut = self.collector = self.inbox = None
@@ -607,13 +608,14 @@ class Demo:
         self.nut = l.nut.NutServer(nut_root, l.common.free_port())
         devices = {}
         for hub in HUBS:
-            dump = NUT_DDL / hub.dump
+            dump = self.ups_data / hub.dump
             if dump.is_file():
                 devices[hub.ups] = l.nut.load_dev(dump)
-                source = f"{hub.dump.split('/')[-1].split('__')[1].replace('_', ' ')} (real dump: {dump.name})"
+                maker, model = dump.name.split("__")[:2]
+                source = f"{maker} {model} (real dump: {dump.name})".replace("_", " ")
             else:
                 devices[hub.ups] = l.nut.parse_upsc_dump(FALLBACK_DEV)
-                source = f"built-in stand-in UPS ({NUT_DDL} is not there)"
+                source = f"built-in stand-in UPS (no {dump})"
             self.console.plain(f"  UPS {hub.ups:<26} {source}")
         self.nut.write_config(devices)
         for ups in self.nut.ups.values():
@@ -647,7 +649,6 @@ class Demo:
                                   "leading (outages and alerts)")
 
     def start_agents(self) -> None:
-        common = self.launchers.common
         self.proxy = UplinkProxy(self.broker.port)
         for hub in HUBS:
             self.internet[hub.name] = SimulatedInternet()
@@ -684,9 +685,10 @@ class Demo:
                     'SELECT count("on_line") FROM "ups" GROUP BY "hub"', db=DATABASE)
             except Exception:
                 status, ups = {}, {}
-            online = {(t.get("hub"), t.get("host")) for t, rows in series(status) if rows and rows[0]["state"] == "online"}
-            with_ups = {(t.get("hub"), h.host) for t, _ in series(ups) for h in HUBS if t.get("hub") == h.name}
-            missing = {w for w in wanted if w not in online or (w[0] != LOCAL_HUB and w not in with_ups)}
+            online = {(t.get("hub"), t.get("host")) for t, rows in series(status)
+                      if rows and rows[0]["state"] == "online"}
+            with_ups = {t.get("hub") for t, rows in series(ups) if rows}
+            missing = {w for w in wanted if w not in online or (w[0] != LOCAL_HUB and w[0] not in with_ups)}
             if not missing:
                 return
             time.sleep(0.3)
@@ -1016,7 +1018,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "server with three UPSes, the collector, agents for three simulated hubs and one for this "
                     "machine. Plays a power cut, an uplink drop and a battery drain in accelerated time, shows "
                     "a live status line per hub, then prints the outage report and writes its HTML version. "
-                    "Takes about two minutes.",
+                    "Takes one to two minutes.",
         epilog="Run it from a source checkout: `make demo` installs what is missing and runs it. Exit codes: 0 "
                "the report holds every scripted event; 1 something in the chain failed or an event is missing; "
                "2 bad usage, not a checkout, or a program missing; 130/143 interrupted (everything stopped and "
@@ -1027,6 +1029,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--html", metavar="FILE", type=Path,
                         help=f"where to write the HTML report (default: ./{DEFAULT_HTML}, or in the kept "
                              "directory with --keep)")
+    parser.add_argument("--ups-data", metavar="DIR", type=Path, default=NUT_DDL,
+                        help="a folder of real `upsc` dumps laid out as NUT's device dump library "
+                             "(MAKER/MAKER__MODEL__DRIVER__VERSION__NN.dev) to take the three UPSes from; "
+                             f"default: ../shared/data/nut-ddl beside the checkout ({NUT_DDL}); a dump missing "
+                             "there is replaced by a built-in stand-in UPS")
     parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     return parser
 
@@ -1110,7 +1117,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         console.plain(f"{PROG} {__version__}: the whole chain on this machine, in accelerated time (Ctrl-C stops "
                       "it and cleans up)")
         console.plain(f"working directory: {workdir}")
-        demo = Demo(launchers, workdir, console)
+        demo = Demo(launchers, workdir, console, ups_data=args.ups_data)
         demo.start_services()
         demo.start_collector()
         demo.start_agents()

@@ -158,10 +158,15 @@ def dark_periods(status: list[tuple[int, str]], alive: list[int], params: Outage
 
 
 def classify_dark(start: int, end: int | None, alive: list[int], ups: Iterable[list[UpsPoint]],
-                  params: OutageParams) -> str:
+                  params: OutageParams, boots: list[tuple[int, float]] = ()) -> str:
     if end is None:
         return "unknown"
-    if any(start < t < end for t in alive):
+    # Samples taken during the dark period prove the machine was up but cut off — unless it
+    # booted during it (it had lost power), or they were taken just before it reconnected
+    # (a restarted agent measures a moment before it says online).
+    rebooted = {t for t, boot in boots if boot * NS > start}
+    margin = int(params.silence_intervals * params.agent_interval_s * NS)
+    if any(start < t < end - margin and t not in rebooted for t in alive):
         return "uplink"
     last = None
     for points in ups:
@@ -223,7 +228,8 @@ def derive(series: HubSeries, params: OutageParams, now_ns: int) -> list[Outage]
         kind = "hub_dark" if params.is_gateway(host) else "host_down"
         ups_of_hub = list(series.ups.values())
         for start, end in dark_periods(status, alive, params, now_ns):
-            outages.append(Outage(hub, host, kind, start, end, classify_dark(start, end, alive, ups_of_hub, params)))
+            cause = classify_dark(start, end, alive, ups_of_hub, params, series.boot.get(host, []))
+            outages.append(Outage(hub, host, kind, start, end, cause))
         outages += reboots(hub, host, series.boot.get(host, []), status, params)
     for host, pings in series.internet.items():
         outages += uplink_outages(hub, host, pings, params)
