@@ -93,6 +93,8 @@ class _Context:
         self.lines = lines
         self.environ = environ
         self.problems: list[Problem] = []
+        #: When a list, every key a reader asked for: (path, kind, default) — the reference docs.
+        self.notes: list[tuple[str, str, Any]] | None = None
 
     def add(self, path: str, message: str) -> None:
         line = self.lines.get(path)
@@ -194,7 +196,14 @@ class Section:
         """Report a problem at ``key`` of this section (or at the section itself)."""
         self._ctx.add(self._path if key is None else _join(self._path, key), message)
 
+    def note(self, key: str, kind: str, default: Any) -> None:
+        """Record that ``key`` exists, its kind and default (for the generated config reference)."""
+        if self._ctx.notes is not None:
+            self._ctx.notes.append((_join(self._path, key), kind, default))
+
     def raw(self, key: str, default: Any = MISSING) -> Any:
+        if not isinstance(default, (dict, list)):
+            self.note(key, "value", default)
         self._seen.add(key)
         if key in self._data:
             return self._data[key]
@@ -216,6 +225,7 @@ class Section:
     # -- readers ---------------------------------------------------------------------------
     def str(self, key: str, default: Any = MISSING, pattern: Pattern[str] | None = None,
             choices: tuple[str, ...] | None = None) -> Any:
+        self.note(key, 'string', default)
         def convert(v: Any) -> str:
             if isinstance(v, bool) or not isinstance(v, (str, int, float)):
                 raise ValueError(f"expected a string, got {_kind(v)}")
@@ -229,6 +239,7 @@ class Section:
 
     def int(self, key: str, default: Any = MISSING, minimum: int | None = None,
             maximum: int | None = None) -> Any:
+        self.note(key, 'integer', default)
         def convert(v: Any) -> int:
             if isinstance(v, bool):
                 raise ValueError(f"expected an integer, got {v!r}")
@@ -242,6 +253,7 @@ class Section:
 
     def float(self, key: str, default: Any = MISSING, minimum: float | None = None,
               maximum: float | None = None) -> Any:
+        self.note(key, 'number', default)
         def convert(v: Any) -> float:
             if isinstance(v, bool):
                 raise ValueError(f"expected a number, got {v!r}")
@@ -256,6 +268,7 @@ class Section:
         return self._typed(key, default, convert)
 
     def bool(self, key: str, default: Any = MISSING) -> Any:
+        self.note(key, 'boolean', default)
         def convert(v: Any) -> bool:
             if isinstance(v, bool):
                 return v
@@ -266,6 +279,7 @@ class Section:
 
     def duration(self, key: str, default: Any = MISSING, minimum: float | None = None,
                  maximum: float | None = None) -> Any:
+        self.note(key, 'duration', default)
         def convert(v: Any) -> float:
             seconds = parse_duration(v)
             _check_range(seconds, minimum, maximum, unit="s")
@@ -275,10 +289,11 @@ class Section:
         return self._typed(key, default, convert)
 
     def path_value(self, key: str, default: Any = MISSING) -> Any:
-        value = self.str(key, default)
+        value = self.str(key, default)  # noted as a string
         return Path(value) if isinstance(value, str) else value
 
     def str_list(self, key: str, default: Any = MISSING) -> Any:
+        self.note(key, 'list of strings', default)
         def convert(v: Any) -> tuple[str, ...]:
             if isinstance(v, str):
                 v = [v]
@@ -289,6 +304,7 @@ class Section:
 
     def secret(self, key: str, required: bool = False) -> Secret | None:
         """``key`` inline, or ``key_file`` naming a file that holds it (not both)."""
+        self.note(key, "secret (or " + key + "_file)", None)
         inline = self.raw(key, None)
         file_key = f"{key}_file"
         filename = self.raw(file_key, None)
@@ -351,6 +367,19 @@ def _kind(value: Any) -> str:
         return "nothing"
     return {dict: "a mapping", list: "a list", str: "a string", bool: "a boolean",
             int: "an integer", float: "a number"}.get(type(value), type(value).__name__)
+
+
+def config_keys(text: str, build: Callable[[Section], Any]) -> list[tuple[str, str, Any]]:
+    """Every key ``build`` reads when given ``text``, as (path, kind, default), in reading order."""
+    data, ctx = _compose(text, "reference", {})
+    ctx.notes = []
+    build(Section(data, "", ctx))
+    seen, out = set(), []
+    for path, kind, default in ctx.notes:
+        if path not in seen:
+            seen.add(path)
+            out.append((path, kind, default))
+    return out
 
 
 def read_config(text: str, build: Callable[[Section], Any], source: str = "config",

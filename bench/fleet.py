@@ -52,7 +52,7 @@ from tests.services.influx import InfluxServer  # noqa: E402
 from tests.services.mosquitto import MosquittoBroker  # noqa: E402
 
 LAG_TARGET_S = 30.0
-HUBS_PER_SIMULATOR = 12_500
+HUBS_PER_SIMULATOR = 6_000
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -537,9 +537,12 @@ def render(results: list[RunResult], direct: tuple[float, int] | None, args) -> 
         detail.append([f"{r.hubs:,}", _f(per_hub, 2), ", ".join(f"{k} {v:,}" for k, v in r.events.items()),
                        f"{r.resent:,}", _f(r.drain_seconds, 0), _f(r.connect_seconds, 0),
                        ", ".join(f"{k} {v:.0f}" for k, v in r.rss.items() if not math.isnan(v)),
-                       f"{r.series:,}", _f(r.series / r.hubs if r.hubs else math.nan, 2)])
+                       f"{r.series:,}", _f(r.series / r.hubs if r.hubs else math.nan, 2),
+                       (f"{_f(r.alert_delay_p50)} / {_f(r.alert_delay_p95)}; {r.alerts_missing} of "
+                        f"{r.alerts_expected} missing") if r.alerts_expected else "–"])
     out.append("\n" + table(["hubs", "samples per hub per interval", "what happened", "resent msgs",
-                             "drain (s)", "connect (s)", "RSS at end (MB)", "series", "series per hub"], detail))
+                             "drain (s)", "connect (s)", "RSS at end (MB)", "series", "series per hub",
+                             "on_battery alert after cut p50 / p95 (s; 30 s debounce)"], detail))
     if direct:
         rate, n = direct
         biggest = max(results, key=lambda r: r.hubs)

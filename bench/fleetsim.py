@@ -518,11 +518,11 @@ class Hub:
             self.connect()
         if not generating:
             return
-        sample = self.ups_sample()
-        flags = (sample.fields["on_line"], sample.fields["on_battery"], sample.fields["low_battery"], False)
+        on_battery = not self.mains
+        flags = (not on_battery, on_battery, on_battery and self.charge <= 20.0, False)
         changed, self.flags = self.flags is not None and flags != self.flags, flags
-        if changed or not self.mains:
-            self.add("events", [sample], now)
+        if changed or on_battery:
+            self.add("events", [self.ups_sample()], now)
 
     def ups_sample(self) -> Sample:
         rng = self.rng

@@ -962,7 +962,8 @@ class StatusBoard:
                 'SELECT last("on_battery") AS "on_battery", last("low_battery") AS "low", '
                 'last("battery_charge_percent") AS "charge", last("battery_runtime_seconds") AS "runtime" '
                 f'FROM "ups" WHERE time >= {since} GROUP BY "hub";'
-                'SELECT last("cpu_percent") AS "cpu", last("memory_used_percent") AS "memory", last("load1") AS "load1" '
+                'SELECT last("cpu_percent") AS "cpu", last("memory_used_percent") AS "memory", '
+                'last("load1") AS "load1" '
                 f"FROM \"system\" WHERE hub = '{LOCAL_HUB}' AND time >= {since};"
                 'SELECT "duration_seconds", "ongoing", "cause", "blip" FROM "outage" '
                 f'WHERE time >= {since} GROUP BY "hub", "kind"', db=DATABASE)
@@ -978,7 +979,8 @@ class StatusBoard:
                     text = "blip"
                 else:
                     cause = f"/{row['cause']}" if kind in ("hub_dark", "host_down") and row.get("cause") else ""
-                    text = f"{kind}{cause} " + ("now" if row.get("ongoing") else human_seconds(row.get("duration_seconds")))
+                    length = "now" if row.get("ongoing") else human_seconds(row.get("duration_seconds"))
+                    text = f"{kind}{cause} {length}"
                 per_hub.setdefault(tags.get("hub", "?"), []).append(text)
         lines = [self.HEADER]
         for hub in HUBS:

@@ -18,7 +18,7 @@ def test_example_is_valid(tmp_path):
     secret = tmp_path / "pw"
     secret.write_text("pw")
     text = (REPO / "config" / "collector.example.yaml").read_text().replace(
-        "/etc/hubwatch/collector.mqtt.password", str(secret))
+        "/etc/hubwatch/collector.mqtt.password", str(secret)).replace("/etc/hubwatch/smtp.password", str(secret))
     cfg = collector_config.parse(text, {})
     assert cfg.instance == "c1" and cfg.share_group == "hubwatch-collectors"
     assert cfg.influxdb.api == "v1" and cfg.influxdb.database == "hubwatch"
