@@ -576,6 +576,7 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--no-engine", action="store_true", help="collectors without outages and alerts (ingest only)")
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument("--keep", type=Path, help="work in this directory and keep it (logs, data)")
     args = parser.parse_args(argv)
     sizes = [int(x) for x in args.hubs.split(",") if x]
     push = [int(x) for x in args.push.split(",") if x]
@@ -588,7 +589,7 @@ def main(argv: list[str] | None = None) -> str:
             resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     results: list[RunResult] = []
     with tempfile.TemporaryDirectory(prefix="hubwatch-fleet-") as tmp:
-        work = Path(tmp)
+        work = args.keep or Path(tmp)
 
         def one(hubs: int) -> RunResult:
             collectors = auto_collectors(hubs) if args.collectors == "auto" else int(args.collectors)

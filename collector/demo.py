@@ -611,8 +611,8 @@ class Demo:
             dump = self.ups_data / hub.dump
             if dump.is_file():
                 devices[hub.ups] = l.nut.load_dev(dump)
-                maker, model = dump.name.split("__")[:2]
-                source = f"{maker} {model} (real dump: {dump.name})".replace("_", " ")
+                maker, model = (part.replace("_", " ") for part in dump.name.split("__")[:2])
+                source = f"{maker} {model} (real dump: {dump.name})"
             else:
                 devices[hub.ups] = l.nut.parse_upsc_dump(FALLBACK_DEV)
                 source = f"built-in stand-in UPS (no {dump})"
@@ -1096,6 +1096,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         if missing:
             raise UsageProblem(f"missing: {'; '.join(missing)}. `make demo` installs them (Debian/Ubuntu, as "
                                "root or with sudo)")
+        html = None if args.keep and args.html is None else (args.html or Path(DEFAULT_HTML)).resolve()
+        if html is not None:
+            try:  # os.access says yes to root even where nothing can be created (/proc, a read-only mount)
+                tempfile.TemporaryFile(dir=html.parent).close()
+            except OSError as exc:
+                raise UsageProblem(f"cannot write the HTML report in {html.parent} ({exc.strerror or exc}); "
+                                   "give --html FILE somewhere writable") from None
     except UsageProblem as exc:
         print(f"{PROG}: {exc}", file=sys.stderr)
         return 2
@@ -1115,7 +1122,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     code = 1
     try:
         workdir = Path(tempfile.mkdtemp(prefix="hubwatch-demo-"))
-        html = (args.html or (workdir / DEFAULT_HTML if args.keep else Path.cwd() / DEFAULT_HTML)).resolve()
+        html = html or workdir / DEFAULT_HTML
         console.plain(f"{PROG} {__version__}: the whole chain on this machine, in accelerated time (Ctrl-C stops "
                       "it and cleans up)")
         console.plain(f"working directory: {workdir}")
@@ -1145,8 +1152,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Interrupted as exc:
         cleaning.set()
         console.release()
-        print(f"\n{PROG}: interrupted ({exc}); stopping every process and removing {workdir}", file=sys.stderr,
-              flush=True)
+        print(f"\n{PROG}: interrupted ({exc}); stopping every process"
+              + ("" if args.keep or workdir is None else f" and removing {workdir}"), file=sys.stderr, flush=True)
         code = 128 + exc.signum
     except Exception as exc:
         cleaning.set()

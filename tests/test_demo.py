@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -172,6 +173,23 @@ def test_version_help_and_bad_usage():
     assert usage.returncode == 0 and "--keep" in usage.stdout and "make demo" in usage.stdout
     bad = subprocess.run(demo_command() + ["--speed", "fast"], capture_output=True, text=True, timeout=30)
     assert bad.returncode == 2 and "unrecognized arguments" in bad.stderr
+    # a report it could not write is said before anything starts, not after the whole run
+    nowhere = subprocess.run(demo_command() + ["--html", "/proc/demo.html"], capture_output=True, text=True,
+                             timeout=30)
+    assert nowhere.returncode == 2 and "cannot write the HTML report in /proc" in nowhere.stderr
+    assert "working directory" not in nowhere.stdout
+
+
+def test_a_missing_program_is_named_with_its_debian_package():
+    from collector.demo import missing_programs
+    from tests.services import influx, mosquitto, nut
+
+    here = SimpleNamespace(mosquitto=mosquitto, influx=influx, nut=nut)
+    assert missing_programs(here) == []  # make test installed them all
+    gone = SimpleNamespace(mosquitto=SimpleNamespace(MOSQUITTO="/nonexistent/mosquitto"), influx=influx,
+                           nut=SimpleNamespace(UPSD=nut.UPSD, DUMMY_UPS=Path("/nonexistent/dummy-ups"), UPSC=nut.UPSC))
+    assert missing_programs(gone) == ["/nonexistent/mosquitto (Debian package mosquitto)",
+                                      "/nonexistent/dummy-ups (Debian package nut-server)"]
 
 
 def test_outside_a_source_checkout_it_says_to_use_make_demo(tmp_path):
