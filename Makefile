@@ -45,7 +45,7 @@ $(SNMPSIM_VENV)/.installed: Makefile
 test: deps
 	$(PY) -m pytest $(PYTEST_ARGS)
 
-demo: deps
+demo: apt venv
 	$(VENV)/bin/hubwatch-demo
 
 bench: deps
