@@ -15,7 +15,7 @@ from typing import Sequence
 
 from agent import __version__
 from agent.config import DEFAULT_CONFIG_PATH, AgentConfig, load
-from agent.confload import ConfigError
+from agent.confload import ConfigError, print_config_error
 from agent.logsetup import add_logging_arguments, setup_logging
 from agent.probes import ProbeContext
 from agent.runner import ProbeRunner
@@ -113,10 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load(args.config)
     except ConfigError as exc:
-        print(f"{exc.source}: configuration is not valid:", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
-        return 2
+        return print_config_error(exc)
     if args.check:
         print(f"{args.config}: ok (hub={config.hub}, host={config.host}, "
               f"probes: {', '.join(p.name for p in config.probes)})")

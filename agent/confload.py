@@ -49,6 +49,16 @@ class ConfigError(Exception):
         super().__init__(f"{source}: {len(problems)} problem(s)\n" + "\n".join(f"  {p}" for p in problems))
 
 
+def print_config_error(exc: ConfigError, stream=None) -> int:
+    """Print every problem of ``exc`` (key path, line, reason) for a CLI; returns exit code 2."""
+    import sys
+    stream = sys.stderr if stream is None else stream
+    print(f"{exc.source}: configuration is not valid:", file=stream)
+    for problem in exc.problems:
+        print(f"  {problem}", file=stream)
+    return 2
+
+
 class Secret:
     """A credential. Never printed: ``str()`` and ``repr()`` hide it; ``reveal()`` returns it."""
 

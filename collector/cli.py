@@ -11,7 +11,7 @@ import signal
 import sys
 from typing import Sequence
 
-from agent.confload import ConfigError
+from agent.confload import ConfigError, print_config_error
 from agent.logsetup import add_logging_arguments, setup_logging
 from collector import __version__
 from collector.config import DEFAULT_CONFIG_PATH, load
@@ -31,20 +31,13 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def report_config_error(exc: ConfigError) -> int:
-    print(f"{exc.source}: configuration is not valid:", file=sys.stderr)
-    for problem in exc.problems:
-        print(f"  {problem}", file=sys.stderr)
-    return 2
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.log_level, args.log_format)
     try:
         config = load(args.config)
     except ConfigError as exc:
-        return report_config_error(exc)
+        return print_config_error(exc)
     if args.check:
         print(f"{args.config}: ok (instance={config.instance}, influxdb {config.influxdb.api} at "
               f"{config.influxdb.url}, broker {config.mqtt.host}:{config.mqtt.port})")

@@ -20,7 +20,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Sequence
 
-from agent.confload import ConfigError, parse_duration
+from agent.confload import ConfigError, print_config_error, parse_duration
 from collector import __version__
 from collector.config import DEFAULT_CONFIG_PATH, load
 from collector.report import build_report
@@ -124,10 +124,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         config = load(args.config)
     except ConfigError as exc:
-        print(f"{exc.source}: configuration is not valid:", file=sys.stderr)
-        for problem in exc.problems:
-            print(f"  {problem}", file=sys.stderr)
-        return 2
+        return print_config_error(exc)
     client = InfluxQuery(config.influxdb)
     where = f"InfluxDB at {config.influxdb.url} (database {client.database!r})"
     measured_end = min(args.end, now)

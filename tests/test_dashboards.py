@@ -35,7 +35,8 @@ from agent.wire import Sample
 from tests import grafana_macros as gm
 from tests.collector_harness import envelope, start_collector, wait_for
 from tests.services.influx import InfluxServer
-from tests.services.mosquitto import MosquittoFactory
+from tests.services.common import ServiceFactory
+from tests.services.mosquitto import MosquittoBroker
 
 REPO = Path(__file__).resolve().parent.parent
 DASHBOARD_DIR = REPO / "dashboards"
@@ -735,7 +736,7 @@ def publish_scenario(broker, scenario: Scenario) -> None:
 @pytest.fixture(scope="module")
 def pipeline(tmp_path_factory) -> Iterator[Pipeline]:
     base = tmp_path_factory.mktemp("dashboards")
-    brokers = MosquittoFactory(base / "mqtt")
+    brokers = ServiceFactory(base / "mqtt", MosquittoBroker, "mosquitto")
     influx = InfluxServer(base / "influxd")
     collector = None
     try:

@@ -117,3 +117,23 @@ class ServiceProcess:
 
     def __exit__(self, *exc: object) -> None:
         self.stop()
+
+
+class ServiceFactory:
+    """Starts services of one kind, each in its own sub-directory of ``base_dir``; ``close()``
+    stops them all. ``make(directory, **options)`` builds one (not yet started)."""
+
+    def __init__(self, base_dir: Path, make: Callable[..., object], prefix: str):
+        self.base_dir = Path(base_dir)
+        self._make = make
+        self._prefix = prefix
+        self.started: list = []
+
+    def __call__(self, **options):
+        service = self._make(self.base_dir / f"{self._prefix}-{len(self.started)}", **options)
+        self.started.append(service)
+        return service.start()
+
+    def close(self) -> None:
+        for service in self.started:
+            service.stop()

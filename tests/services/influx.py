@@ -37,7 +37,7 @@ from typing import Any, Iterable, Iterator
 
 import pytest
 
-from tests.services.common import LOOPBACK, ServiceProcess, free_port
+from tests.services.common import LOOPBACK, ServiceFactory, ServiceProcess, free_port
 
 INFLUXD = "/usr/bin/influxd"
 
@@ -251,27 +251,10 @@ def _string(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-class InfluxFactory:
-    """Starts servers in sub-directories of ``base_dir``; ``close()`` stops them all."""
-
-    def __init__(self, base_dir: Path):
-        self.base_dir = Path(base_dir)
-        self.servers: list[InfluxServer] = []
-
-    def __call__(self, **options) -> InfluxServer:
-        server = InfluxServer(self.base_dir / f"influxd-{len(self.servers)}", **options)
-        self.servers.append(server)
-        return server.start()
-
-    def close(self) -> None:
-        for server in self.servers:
-            server.stop()
-
-
 @pytest.fixture
-def influx_factory(tmp_path) -> Iterator[InfluxFactory]:
+def influx_factory(tmp_path) -> Iterator[ServiceFactory]:
     """Call with keyword options (see this module's docstring) to get a running influxd."""
-    factory = InfluxFactory(tmp_path)
+    factory = ServiceFactory(tmp_path, InfluxServer, 'influxd')
     yield factory
     factory.close()
 

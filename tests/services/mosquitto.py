@@ -54,7 +54,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from tests.services.common import LOOPBACK, ServiceError, ServiceProcess, free_port
+from tests.services.common import LOOPBACK, ServiceError, ServiceFactory, ServiceProcess, free_port
 
 MOSQUITTO = "/usr/sbin/mosquitto"
 MOSQUITTO_PASSWD = "/usr/bin/mosquitto_passwd"
@@ -391,27 +391,10 @@ class Subscriber(MqttClient):
             raise
 
 
-class MosquittoFactory:
-    """Starts brokers in sub-directories of ``base_dir``; ``close()`` stops them all."""
-
-    def __init__(self, base_dir: Path):
-        self.base_dir = Path(base_dir)
-        self.brokers: list[MosquittoBroker] = []
-
-    def __call__(self, **options) -> MosquittoBroker:
-        broker = MosquittoBroker(self.base_dir / f"mosquitto-{len(self.brokers)}", **options)
-        self.brokers.append(broker)
-        return broker.start()
-
-    def close(self) -> None:
-        for broker in self.brokers:
-            broker.stop()
-
-
 @pytest.fixture
-def mosquitto_factory(tmp_path) -> Iterator[MosquittoFactory]:
+def mosquitto_factory(tmp_path) -> Iterator[ServiceFactory]:
     """Call with keyword options (see this module's docstring) to get a running broker."""
-    factory = MosquittoFactory(tmp_path)
+    factory = ServiceFactory(tmp_path, MosquittoBroker, 'mosquitto')
     yield factory
     factory.close()
 

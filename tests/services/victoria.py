@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import pytest
 
-from tests.services.common import LOOPBACK, ServiceProcess, free_port
+from tests.services.common import LOOPBACK, ServiceFactory, ServiceProcess, free_port
 
 VICTORIA_METRICS = "/usr/bin/victoria-metrics"
 
@@ -173,27 +173,10 @@ class VictoriaMetrics:
         return f"<VictoriaMetrics {self.url} pid={self.pid} dir={self.data_root}>"
 
 
-class VictoriaFactory:
-    """Starts servers in sub-directories of ``base_dir``; ``close()`` stops them all."""
-
-    def __init__(self, base_dir: Path):
-        self.base_dir = Path(base_dir)
-        self.servers: list[VictoriaMetrics] = []
-
-    def __call__(self, **options) -> VictoriaMetrics:
-        server = VictoriaMetrics(self.base_dir / f"victoria-{len(self.servers)}", **options)
-        self.servers.append(server)
-        return server.start()
-
-    def close(self) -> None:
-        for server in self.servers:
-            server.stop()
-
-
 @pytest.fixture
-def victoria_factory(tmp_path) -> Iterator[VictoriaFactory]:
+def victoria_factory(tmp_path) -> Iterator[ServiceFactory]:
     """Call with keyword options (see this module's docstring) to get a running VictoriaMetrics."""
-    factory = VictoriaFactory(tmp_path)
+    factory = ServiceFactory(tmp_path, VictoriaMetrics, 'victoria')
     yield factory
     factory.close()
 
