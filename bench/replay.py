@@ -208,7 +208,7 @@ class Drain:
 
 
 def drain(work: Path, shape: str, db: Path, expected: int, before_ns: int, nut_port: int,
-          real_collector: bool) -> Drain:
+          real_collector: bool, window: int | None = None) -> Drain:
     stats = read_stats(db)
     broker = MosquittoBroker(work / f"mq-{shape}-{int(real_collector)}").start()
     influx = None
@@ -220,10 +220,11 @@ def drain(work: Path, shape: str, db: Path, expected: int, before_ns: int, nut_p
             procs.append(start_collector(work, broker, influx, instance=f"replay-{shape}"))
         else:
             acker = LeanAcker(broker, before_ns)
+        extra = f"publish:\n  window: {window}\n  max_unconfirmed: {max(200, window)}\n" if window else ""
         config = agent_yaml(db.parent / f"agent-{shape}.yaml", hub=HUB, host=HOST, interval=INTERVAL_S,
-                            broker_port=broker.port, nut_port=nut_port, batch_max_age=SHAPES[shape])
+                            broker_port=broker.port, nut_port=nut_port, batch_max_age=SHAPES[shape], extra=extra)
         started = time.monotonic()
-        agent = start_agent(work, f"agent-{shape}-{int(real_collector)}", config)
+        agent = start_agent(work, f"agent-{shape}-{int(real_collector)}-{window or 20}", config)
         procs.append(agent)
         first = None
         if acker is not None:
@@ -248,8 +249,9 @@ def drain(work: Path, shape: str, db: Path, expected: int, before_ns: int, nut_p
         while left > 50 and time.monotonic() < deadline:
             time.sleep(0.2)
             left = read_stats(db).samples
-        return Drain(shape, "real collector → influxd" if real_collector else "lean acker", expected,
-                     read_stats(db).next_seq - stats.next_seq, stats.file_bytes / 2**20, done - started, done - (first or started), left)
+        label = shape if window is None else f"{shape}, publish.window {window}"
+        return Drain(label, "real collector → influxd" if real_collector else "lean acker", expected,
+                     stats.messages + read_stats(db).next_seq - stats.next_seq, stats.file_bytes / 2**20, done - started, done - (first or started), left)
     finally:
         if acker is not None:
             acker.close()
@@ -260,10 +262,20 @@ def drain(work: Path, shape: str, db: Path, expected: int, before_ns: int, nut_p
             influx.stop()
 
 
+def copy_outbox(db: Path, into: Path) -> Path:
+    into.mkdir()
+    for suffix in ("", "-wal"):
+        if Path(f"{db}{suffix}").exists():
+            shutil.copy2(f"{db}{suffix}", f"{into / db.name}{suffix}")
+    return into / db.name
+
+
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--hours", type=float, default=24.0)
     parser.add_argument("--shapes", default="per-cycle,batched,held")
+    parser.add_argument("--what-if-window", type=int, default=200,
+                        help="drain the per-cycle backlog once more with this publish.window (0: skip)")
     parser.add_argument("--collector", default="per-cycle",
                         help="shapes also drained through the real collector into influxd ('' for none)")
     args = parser.parse_args(argv)
@@ -288,20 +300,16 @@ def main(argv=None) -> str:
                 began = time.monotonic()
                 expected = fill(db, shape, ups, others, cycles, start_ns)
                 progress(f"{shape}: {expected:,} samples written in {time.monotonic() - began:.0f} s")
-                copies = {}
+                runs = [(False, None)]
+                if shape == "per-cycle" and args.what_if_window:
+                    runs.append((False, args.what_if_window))
                 if shape in with_collector:
-                    copy_dir = work / f"{shape}-collector"
-                    copy_dir.mkdir()
-                    for suffix in ("", "-wal"):
-                        if Path(f"{db}{suffix}").exists():
-                            shutil.copy2(f"{db}{suffix}", f"{copy_dir / db.name}{suffix}")
-                    copies[shape] = copy_dir / db.name
-                result = drain(work, shape, db, expected, before_ns, nut.port, real_collector=False)
-                progress(f"{shape}: drained at {result.samples / result.seconds:,.0f} samples/s to the acker")
-                results.append(result)
-                if shape in copies:
-                    result = drain(work, shape, copies[shape], expected, before_ns, nut.port, real_collector=True)
-                    progress(f"{shape}: {result.samples / result.seconds:,.0f} samples/s into influxd")
+                    runs.append((True, None))
+                copies = [copy_outbox(db, work / f"{shape}-copy{i}") for i in range(1, len(runs))]
+                for (real, window), outbox_db in zip(runs, [db] + copies):
+                    result = drain(work, shape, outbox_db, expected, before_ns, nut.port, real_collector=real,
+                                   window=window)
+                    progress(f"{result.shape}: {result.samples / result.seconds:,.0f} samples/s ({result.receiver})")
                     results.append(result)
         finally:
             servers.close()

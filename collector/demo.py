@@ -150,19 +150,19 @@ ups.status: OL
 def load_launchers() -> SimpleNamespace:
     """The test suite's real-service launchers (tests/services/), from this checkout."""
     services = REPO / "tests" / "services"
-    if not all((services / f"{name}.py").is_file() for name in ("common", "mosquitto", "influx", "nut")):
+    if not all((services / f"{name}.py").is_file() for name in ("common", "mosquitto", "influx", "nut", "proxy")):
         raise UsageProblem(f"{CHECKOUT_HINT}: {services} is not there (this hubwatch was installed without "
                            "its source tree)")
     if sys.path[:1] != [str(REPO)]:
         sys.path.insert(0, str(REPO))
     try:
-        from tests.services import common, influx, mosquitto, nut
+        from tests.services import common, influx, mosquitto, nut, proxy
     except ImportError as exc:
         raise UsageProblem(f"{CHECKOUT_HINT}: cannot load the service launchers in {services} ({exc}); "
                            "`make demo` installs what they need") from None
     if not Path(mosquitto.__file__).resolve().is_relative_to(services):
         raise UsageProblem(f"{CHECKOUT_HINT}: Python found another 'tests' package at {mosquitto.__file__}")
-    return SimpleNamespace(common=common, influx=influx, mosquitto=mosquitto, nut=nut)
+    return SimpleNamespace(common=common, influx=influx, mosquitto=mosquitto, nut=nut, proxy=proxy)
 
 
 def missing_programs(launchers: SimpleNamespace) -> list[str]:
@@ -306,84 +306,6 @@ class AlertInbox:
 
 
 # --- the network a hub sees -----------------------------------------------------------------
-
-class UplinkProxy:
-    """A hub's link to the central broker: a TCP relay to the broker that ``cut()`` breaks.
-
-    Cutting closes every relayed connection (the broker sends the agent's Last Will at once)
-    and closes each new one as soon as it is accepted, until ``restore()``."""
-
-    def __init__(self, target_port: int):
-        self._target = (LOOPBACK, target_port)
-        self._listener = socket.create_server((LOOPBACK, 0))
-        self.port = self._listener.getsockname()[1]
-        self.url = f"mqtt://{LOOPBACK}:{self.port}"
-        self._up = True
-        self._lock = threading.Lock()
-        self._sockets: set[socket.socket] = set()
-        threading.Thread(target=self._accept, daemon=True, name="uplink-accept").start()
-
-    def _accept(self) -> None:
-        while True:
-            try:
-                client, _ = self._listener.accept()
-            except OSError:
-                return
-            if not self._up:
-                client.close()
-                continue
-            try:
-                upstream = socket.create_connection(self._target, timeout=5)
-                upstream.settimeout(None)
-            except OSError:
-                client.close()
-                continue
-            with self._lock:
-                if not self._up:
-                    client.close()
-                    upstream.close()
-                    continue
-                self._sockets |= {client, upstream}
-            for source, sink in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(source, sink), daemon=True, name="uplink-pump").start()
-
-    def _pump(self, source: socket.socket, sink: socket.socket) -> None:
-        try:
-            while data := source.recv(65536):
-                sink.sendall(data)
-        except OSError:
-            pass
-        finally:
-            self._drop(source, sink)
-
-    def _drop(self, *sockets: socket.socket) -> None:
-        with self._lock:
-            for s in sockets:
-                self._sockets.discard(s)
-        for s in sockets:
-            try:
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
-
-    def cut(self) -> None:
-        self._up = False
-        with self._lock:
-            open_now = list(self._sockets)
-        self._drop(*open_now)
-
-    def restore(self) -> None:
-        self._up = True
-
-    def close(self) -> None:
-        self.cut()
-        try:
-            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() blocked on it
-        except OSError:
-            pass
-        self._listener.close()
-
 
 class SimulatedInternet:
     """What a hub's ``internet`` ping target reaches: a TCP port that answers while the hub's
@@ -573,7 +495,7 @@ class Demo:
 
     def __post_init__(self) -> None:
         self.broker = self.influx = self.nut = self.collector = self.inbox = None
-        self.proxy: UplinkProxy | None = None
+        self.proxy = None  # TcpProxy: the uplink hub's link to the broker
         self.internet: dict[str, SimulatedInternet] = {}
         self.collector_config: Path | None = None
         self.window_start = time.time()
@@ -649,7 +571,7 @@ class Demo:
                                   "leading (outages and alerts)")
 
     def start_agents(self) -> None:
-        self.proxy = UplinkProxy(self.broker.port)
+        self.proxy = self.launchers.proxy.TcpProxy(LOOPBACK, self.broker.port)
         for hub in HUBS:
             self.internet[hub.name] = SimulatedInternet()
             directory = self.workdir / "agents" / hub.name

@@ -1,5 +1,5 @@
-"""A TCP proxy on loopback that a test can cut and restore: the link between an agent and
-its broker going down (the agent keeps measuring; its outbox replays afterwards)."""
+"""A TCP proxy on loopback that a test (or the demo) can cut and restore: the link between an
+agent and its broker going down while the agent keeps measuring."""
 
 from __future__ import annotations
 
@@ -10,75 +10,78 @@ from tests.services.common import LOOPBACK
 
 
 class TcpProxy:
-    """Forwards ``127.0.0.1:port`` to ``target``. ``cut()`` drops every connection and refuses
-    new ones (RST); ``restore()`` accepts again."""
+    """A hub's link to the central broker: a TCP relay that ``cut()`` breaks.
+
+    Cutting closes every relayed connection (the broker sends the agent's Last Will at once)
+    and closes each new one as soon as it is accepted, until ``restore()``."""
 
     def __init__(self, target_host: str, target_port: int):
-        self.target = (target_host, target_port)
-        self._listener = socket.socket()
-        self._listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        self._listener.bind((LOOPBACK, 0))
-        self._listener.listen(64)
+        self._target = (target_host, target_port)
+        self._listener = socket.create_server((LOOPBACK, 0))
         self.port = self._listener.getsockname()[1]
         self.url = f"mqtt://{LOOPBACK}:{self.port}"
-        self._open = threading.Event()
-        self._open.set()
-        self._closed = False
+        self._up = True
         self._lock = threading.Lock()
         self._sockets: set[socket.socket] = set()
-        threading.Thread(target=self._accept, daemon=True, name="proxy-accept").start()
+        threading.Thread(target=self._accept, daemon=True, name="uplink-accept").start()
 
     def _accept(self) -> None:
-        while not self._closed:
+        while True:
             try:
                 client, _ = self._listener.accept()
             except OSError:
                 return
-            if not self._open.is_set():
-                client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\x00\x00\x00\x00\x00\x00\x00")
+            if not self._up:
                 client.close()
                 continue
             try:
-                upstream = socket.create_connection(self.target, timeout=5)
+                upstream = socket.create_connection(self._target, timeout=5)
+                upstream.settimeout(None)
             except OSError:
                 client.close()
                 continue
             with self._lock:
+                if not self._up:
+                    client.close()
+                    upstream.close()
+                    continue
                 self._sockets |= {client, upstream}
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pump, args=(a, b), daemon=True, name="proxy-pump").start()
+            for source, sink in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(source, sink), daemon=True, name="uplink-pump").start()
 
     def _pump(self, source: socket.socket, sink: socket.socket) -> None:
         try:
-            while True:
-                data = source.recv(65536)
-                if not data:
-                    break
+            while data := source.recv(65536):
                 sink.sendall(data)
         except OSError:
             pass
         finally:
-            for s in (source, sink):
-                try:
-                    s.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
+            self._drop(source, sink)
 
-    def cut(self) -> None:
-        self._open.clear()
+    def _drop(self, *sockets: socket.socket) -> None:
         with self._lock:
-            sockets, self._sockets = self._sockets, set()
+            for s in sockets:
+                self._sockets.discard(s)
         for s in sockets:
             try:
                 s.shutdown(socket.SHUT_RDWR)
-                s.close()
             except OSError:
                 pass
+            s.close()
+
+    def cut(self) -> None:
+        self._up = False
+        with self._lock:
+            open_now = list(self._sockets)
+        self._drop(*open_now)
 
     def restore(self) -> None:
-        self._open.set()
+        self._up = True
 
     def close(self) -> None:
-        self._closed = True
         self.cut()
+        try:
+            self._listener.shutdown(socket.SHUT_RDWR)  # wakes the accept() blocked on it
+        except OSError:
+            pass
         self._listener.close()
