@@ -9,9 +9,12 @@ SNMPSIM_VENV ?= /opt/hubwatch-test/snmpsim-venv
 APT_PACKAGES := mosquitto mosquitto-clients influxdb nut-server nut-client snmp victoria-metrics \
                 python3-venv iputils-ping libnss3-tools openssl \
                 systemd strace chromium
+# The peers the benchmarks measure hubwatch against (bench/agent_footprint.py, bench/wire_bytes.py):
+# collectd's core with the libraries its ping, nut and mqtt plugins load, and node-exporter.
+BENCH_APT_PACKAGES := collectd-core liboping0 libupsclient6 libmosquitto1 prometheus-node-exporter
 export SNMPSIM_VENV
 
-.PHONY: deps apt venv snmpsim test demo bench clean
+.PHONY: deps apt venv snmpsim test demo bench bench-deps clean
 
 deps: apt venv snmpsim
 
@@ -48,7 +51,17 @@ test: deps
 demo: apt venv
 	$(VENV)/bin/hubwatch-demo
 
-bench: deps
+bench-deps:
+	@missing=""; for p in $(BENCH_APT_PACKAGES); do dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  if [ "$$(id -u)" = 0 ]; then SUDO=""; else SUDO="sudo"; fi; \
+	  $$SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	@# their own daemons are not wanted: the benchmarks start their own instances
+	@-for s in collectd prometheus-node-exporter; do systemctl disable --now $$s >/dev/null 2>&1 || service $$s stop >/dev/null 2>&1; done; true
+
+bench: deps bench-deps
 	$(PY) bench/run.py
 
 clean:

@@ -509,53 +509,93 @@ def _busiest(result: RunResult) -> str:
     return f"{name} {value:.0f}%"
 
 
+def _group(result: RunResult, prefix: str) -> float:
+    return sum(v for k, v in result.cpu.items() if k.startswith(prefix))
+
+
+def ours(result: RunResult) -> float:
+    return sum(v for v in result.cpu.values() if not math.isnan(v))
+
+
+def projections(r: RunResult, cores: int) -> list[list[object]]:
+    """Where each component would run out, from its CPU per 1,000 hubs in run ``r``: a
+    single-threaded process (mosquitto; a collector, bound by Python's GIL; a simulator) at one
+    core, influxd and the whole machine at every core."""
+    k = r.hubs / 1000
+    rows = []
+    for name, total, limit in (
+            ("mosquitto (one thread: one core)", r.cpu.get("mosquitto", math.nan), 100.0),
+            ("collector, each instance (Python's GIL: one core)", _group(r, "collector"), 100.0),
+            (f"influxd ({cores} cores)", r.cpu.get("influxd", math.nan), 100.0 * cores),
+            ("simulator, each process (one core)", _group(r, "simulator"), 100.0),
+            (f"the machine, without the simulators ({cores} cores)", ours(r) - _group(r, "simulator"),
+             100.0 * cores),
+            (f"the machine, everything here ({cores} cores)", ours(r), 100.0 * cores)):
+        per_k = total / k  # CPU per 1,000 hubs served, however many instances share them
+        rows.append([name, _f(per_k, 2), f"{limit / per_k * 1000:,.0f}" if per_k > 0 else "–"])
+    return rows
+
+
 def render(results: list[RunResult], direct: tuple[float, int] | None, args) -> str:
-    out = []
+    cores = os.cpu_count() or 1
+    out = [
+        f"Each size: {args.duration:.0f} s of sampling at a {args.interval:g} s interval (hubs with power cuts, "
+        "battery drains, uplink drops and reboots), then the outboxes drain and every generated sample is "
+        "counted in InfluxDB. Lag = time from a sample's `t` until InfluxDB returns it (sampled live "
+        "messages, polled every 0.5 s); growth = median lag of the last third of the run minus the first. "
+        "Sustained = lag p95 < 30 s and not growing, zero loss, simulators on schedule.\n"]
     rows = []
     for r in results:
-        sims = sum(v for k, v in r.cpu.items() if k.startswith("simulator"))
-        cols = sum(v for k, v in r.cpu.items() if k.startswith("collector"))
         rows.append([f"{r.hubs:,}", r.collectors, r.simulators, _f(r.samples_per_s, 0), _f(r.messages_per_s, 0),
                      f"{_f(r.lag_p50)} / {_f(r.lag_p95)} / {_f(r.lag_max)}", _f(r.lag_growth),
-                     _f(r.collector_lag_max), f"{sum(r.generated.values()):,}", f"{r.lost:,}" + (f" (+{r.extra:,})" if r.extra else ""),
-                     _f(r.cpu.get("mosquitto", math.nan), 0), _f(cols, 0), _f(r.cpu.get("influxd", math.nan), 0),
-                     _f(sims, 0), _f(r.machine_cpu, 0), _f(r.slip_p99, 2),
+                     _f(r.collector_lag_max), f"{sum(r.generated.values()):,}",
+                     f"{r.lost:,}" + (f" (+{r.extra:,} extra)" if r.extra else ""), f"{r.resent:,}",
                      "yes" if r.sustained else "**no**"])
-    out.append(
-        f"Each size: {args.duration:.0f} s of sampling at a {args.interval:g} s interval, then the outboxes drain "
-        "and every generated sample is counted in InfluxDB. Lag = time from a sample's `t` until InfluxDB "
-        "returns it (sampled points, polled every 0.5 s); growth = median lag in the last third minus the "
-        "first. CPU in % of one core, steady part of the run, from /proc. Sustained = lag p95 < 30 s and not "
-        "growing, zero loss, simulators on schedule.\n")
-    out.append(table(["hubs", "collectors", "simulators", "samples/s", "msgs/s", "lag p50 / p95 / max (s)",
-                      "lag growth (s)", "collector lag_seconds max", "samples generated", "lost",
-                      "mosquitto CPU%", "collectors CPU%", "influxd CPU%", "simulators CPU%", "machine CPU%",
-                      "sim slip p99 (s)", "sustained"], rows))
+    out.append(table(["hubs", "collectors", "simulator processes", "samples/s", "MQTT msgs/s published",
+                      "lag p50 / p95 / max (s)", "lag growth (s)", "collector `lag_seconds` max (s)",
+                      "samples generated", "lost", "messages resent", "sustained"], rows))
+    out.append("\nCPU in % of one core over the steady part of each run, from /proc (this machine is shared: "
+               "*others* is what the rest of the machine used meanwhile).\n")
+    rows = []
+    for r in results:
+        collectors = ", ".join(f"{v:.0f}" for k, v in r.cpu.items() if k.startswith("collector"))
+        sims = ", ".join(f"{v:.0f}" for k, v in r.cpu.items() if k.startswith("simulator"))
+        rows.append([f"{r.hubs:,}", _f(r.cpu.get("mosquitto", math.nan), 0), collectors,
+                     _f(r.cpu.get("influxd", math.nan), 0), sims, _f(ours(r), 0),
+                     _f(r.machine_cpu - ours(r), 0), _f(r.machine_cpu, 0), _f(r.slip_p99, 2)])
+    out.append(table(["hubs", "mosquitto", "collectors", "influxd", "simulators", "all of these",
+                      "others", f"machine ({cores} cores = {100 * cores}%)", "simulator slip p99 (s)"], rows))
     detail = []
     for r in results:
         per_hub = r.samples_per_s / r.hubs * args.interval if r.hubs else math.nan
         detail.append([f"{r.hubs:,}", _f(per_hub, 2), ", ".join(f"{k} {v:,}" for k, v in r.events.items()),
-                       f"{r.resent:,}", _f(r.drain_seconds, 0), _f(r.connect_seconds, 0),
+                       _f(r.drain_seconds, 0), _f(r.connect_seconds, 0),
                        ", ".join(f"{k} {v:.0f}" for k, v in r.rss.items() if not math.isnan(v)),
                        f"{r.series:,}", _f(r.series / r.hubs if r.hubs else math.nan, 2),
                        (f"{_f(r.alert_delay_p50)} / {_f(r.alert_delay_p95)}; {r.alerts_missing} of "
-                        f"{r.alerts_expected} missing") if r.alerts_expected else "–"])
-    out.append("\n" + table(["hubs", "samples per hub per interval", "what happened", "resent msgs",
-                             "drain (s)", "connect (s)", "RSS at end (MB)", "series", "series per hub",
-                             "on_battery alert after cut p50 / p95 (s; 30 s debounce)"], detail))
+                        f"{r.alerts_expected} not fired in time") if r.alerts_expected else "–"])
+    out.append("\n" + table(["hubs", "samples per hub per interval", "what happened (simulated)", "drain (s)",
+                             "connect (s)", "RSS at end (MB)", "series in InfluxDB", "series per hub",
+                             "on_battery alert after the cut p50 / p95 (s; rule debounce 30 s)"], detail))
+    sustained = [r for r in results if r.sustained]
+    best = max(sustained, key=lambda r: r.hubs) if sustained else None
+    basis = best or max(results, key=lambda r: r.hubs)
+    out.append(f"\nWhere each part runs out, from its CPU per 1,000 hubs at {basis.hubs:,} hubs (linear, "
+               "so only a guide):\n")
+    out.append(table(["component", "CPU % per 1,000 hubs", "hubs at its limit (per instance or process)"],
+                     projections(basis, cores)))
     if direct:
         rate, n = direct
-        biggest = max(results, key=lambda r: r.hubs)
-        per_hub_s = biggest.samples_per_s / biggest.hubs if biggest.hubs else math.nan
-        sustained = [r for r in results if r.sustained]
-        best = max(sustained, key=lambda r: r.hubs) if sustained else None
-        out.append(f"\ninfluxd direct write in the same run (fresh influxd, {n:,} fleet samples in 5,000-line "
-                   f"batches, one connection): **{rate:,.0f} samples/s**, which is "
-                   f"{rate / per_hub_s:,.0f} hubs at {per_hub_s:.3f} samples per hub per second; 0.4× of it is "
-                   f"{0.4 * rate / per_hub_s:,.0f} hubs (the design's target is ≥ 50,000 hubs).")
-        if best is not None:
-            out.append(f"Largest fleet sustained here: **{best.hubs:,} hubs** ({best.samples_per_s:,.0f} samples/s, "
-                       f"{best.samples_per_s / rate:.2f}× the direct rate).")
+        per_hub_s = basis.samples_per_s / basis.hubs if basis.hubs else math.nan
+        out.append(f"\ninfluxd's own direct-write rate in the same run (a fresh influxd, {n:,} samples of "
+                   f"10,000 simulated hubs in 5,000-line batches over one connection): **{rate:,.0f} samples/s** "
+                   f"= {rate / per_hub_s:,.0f} hubs at {per_hub_s:.3f} samples per hub per second; 0.4× of it "
+                   f"is {0.4 * rate / per_hub_s:,.0f} hubs. The design's target is ≥ 50,000 hubs.")
+    if best is not None:
+        broken = [r for r in results if not r.sustained and r.hubs > best.hubs]
+        out.append(f"\nLargest fleet sustained here: **{best.hubs:,} hubs** ({best.samples_per_s:,.0f} samples/s"
+                   + (f", {best.samples_per_s / direct[0]:.2f}× the direct rate" if direct else "") + ")"
+                   + (f"; {min(broken, key=lambda r: r.hubs).hubs:,} hubs was not." if broken else "."))
     return "\n".join(out)
 
 

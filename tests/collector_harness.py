@@ -74,7 +74,8 @@ def ups_samples(n: int, start_ns: int, ups: str = "hubups") -> list[Sample]:
             for i in range(n)]
 
 
-def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
+def wait_for(predicate, timeout: float, what: str, interval: float = 0.2, explain=None):
+    """Poll ``predicate`` until truthy; AssertionError naming ``what`` (and ``explain()``) if not."""
     deadline = time.monotonic() + timeout
     last = None
     while time.monotonic() < deadline:
@@ -82,7 +83,8 @@ def wait_for(predicate, timeout: float, what: str, interval: float = 0.2):
         if last:
             return last
         time.sleep(interval)
-    raise AssertionError(f"timed out after {timeout:g}s waiting for {what} (last: {last!r})")
+    detail = f"; {explain()}" if explain else ""
+    raise AssertionError(f"timed out after {timeout:g}s waiting for {what} (last: {last!r}){detail}")
 
 
 def count_points(influx, db: str, measurement: str, where: str = "") -> int:

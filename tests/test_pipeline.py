@@ -16,6 +16,7 @@ import pytest
 
 from agent.catalogue import MEASUREMENTS
 from tests.collector_harness import start_agent, start_collector, wait_for
+from agent.outbox import read_stats
 from tests.services.proxy import TcpProxy
 from tests.test_alerts import Webhook
 
@@ -236,3 +237,68 @@ def test_battery_exhausted_and_reboots(tmp_path, nut_server, mosquitto, influx, 
     start_agent(tmp_path, mosquitto.url, HUB, "gw01", agent_probes)
     time.sleep(6)
     assert len(outages(influx, "reboot")) == 1
+
+
+# --- delivery through the real collector into influxd ------------------------------------------
+
+DELIVERY_PROBES = "  system: {}\n  network: {interfaces: [lo]}\n"
+
+
+def stored_samples(influx) -> int:
+    """Points of this hub in InfluxDB: each sample is one point (measurement, tags, time)."""
+    total = 0
+    for measurement, field in (("system", "uptime_seconds"), ("net", "rx_bytes_total"),
+                               ("agent", "outbox_samples"), ("agent", "error")):
+        got = rows(influx, f'SELECT count("{field}") AS n FROM "{measurement}" WHERE hub = \'{HUB}\'')
+        total += got[0]["n"] if got else 0
+    return total
+
+
+def seq_gaps(influx) -> int:
+    got = rows(influx, "SELECT last(seq_gaps_total) AS gaps FROM hubwatch_collector WHERE reason = ''")
+    return got[0]["gaps"] if got else -1
+
+
+def test_broker_down_and_agent_killed_three_times_every_sample_lands_once(tmp_path, mosquitto_factory, influx):
+    from tests.test_agent_run import ever_committed
+    broker = mosquitto_factory(extra_config=["max_queued_messages 10000000"])
+    start_collector(tmp_path, broker, influx)  # its persistent session exists before the outage
+    db = tmp_path / f"{HUB}-gw01.outbox.db"
+    broker.stop()
+    for _ in range(3):  # the broker is down: the agent is killed at random moments
+        agent = start_agent(tmp_path, broker.url, HUB, "gw01", DELIVERY_PROBES, interval="0.2s")
+        time.sleep(0.5 + 1.5 * (time.time() % 1))
+        agent.kill()
+    agent = start_agent(tmp_path, broker.url, HUB, "gw01", DELIVERY_PROBES, interval="0.2s")
+    time.sleep(1)
+    broker.start()
+    wait_for(lambda: stored_samples(influx) >= ever_committed(db) - 10 > 0, 60, "the backlog in InfluxDB",
+             explain=lambda: f"{stored_samples(influx)} stored, {ever_committed(db)} committed")
+    agent.stop()
+    # every committed sample is in InfluxDB exactly once, or still in the outbox for the next start
+    held = read_stats(db).samples
+    assert held <= 20
+    wait_for(lambda: stored_samples(influx) + held == ever_committed(db), 30, "stored + held = committed",
+             explain=lambda: f"{stored_samples(influx)} stored + {held} held, {ever_committed(db)} committed")
+    wait_for(lambda: seq_gaps(influx) == 0, 15, "the collector's count of seq gaps: none")
+
+
+def test_broker_killed_mid_stream_loses_nothing(tmp_path, mosquitto_factory, influx):
+    from tests.test_agent_run import ever_committed
+    broker = mosquitto_factory(extra_config=["max_queued_messages 10000000"])
+    start_collector(tmp_path, broker, influx)
+    db = tmp_path / f"{HUB}-gw01.outbox.db"
+    agent = start_agent(tmp_path, broker.url, HUB, "gw01", DELIVERY_PROBES, interval="0.1s")
+    wait_for(lambda: stored_samples(influx) > 50, 20, "samples flowing")
+    broker.kill()  # persistence on, but whatever arrived since its last autosave is gone
+    time.sleep(2)
+    broker.start()
+    # the agent resends what was never confirmed (resend_after: 5 s in these tests)
+    wait_for(lambda: stored_samples(influx) >= ever_committed(db) - 20, 60, "the agent catching up",
+             explain=lambda: f"{stored_samples(influx)} stored, {ever_committed(db)} committed")
+    agent.stop()
+    # every committed sample is in InfluxDB, or still in the outbox waiting for the next start
+    held = read_stats(db).samples
+    assert held <= 30
+    wait_for(lambda: stored_samples(influx) + held == ever_committed(db), 30, "stored + held = committed",
+             explain=lambda: f"{stored_samples(influx)} stored + {held} held, {ever_committed(db)} committed")
