@@ -340,7 +340,7 @@ def report(watched: list[Watched], intervals: dict[float, int], elapsed: float, 
             hwm = w.hwm_kb / 1024
             share = 100 * cpu / elapsed
             rows.append([f"{interval:g} s", w.peer, f"{planned} ({len(w.cycles)} seen)", f"{rss:.1f}",
-                         f"{rss / ref_rss:.2f}", f"{hwm:.1f}", f"{hwm / ref_hwm:.2f}", f"{per_1000:.1f}",
+                         f"{rss / ref_rss:.2f}", f"{hwm:.1f}", f"{hwm / ref_hwm:.2f}", f"{cpu:.2f}", f"{per_1000:.1f}",
                          f"{per_1000 / ref_cpu:.2f}" if ref_cpu else "–", f"{share:.2f}%"])
         cpu_share = 100 * (ref.cpu_end - ref.cpu_start) / elapsed
         if interval == 10.0:
@@ -351,7 +351,7 @@ def report(watched: list[Watched], intervals: dict[float, int], elapsed: float, 
                             f"— {'met' if ok_rss else 'NOT met'}; CPU {cpu_share:.2f}% of a core — "
                             f"{'met' if ok_cpu else 'NOT met'}.")
     headers = ["interval", "program", "cycles in window", "RSS steady MB", "÷ hubwatch", "RSS peak MB",
-               "÷ hubwatch", "CPU s / 1,000 cycles", "÷ hubwatch", "CPU % of a core"]
+               "÷ hubwatch", "CPU s in window", "CPU s / 1,000 cycles", "÷ hubwatch", "CPU % of a core"]
     ifaces = ", ".join(two_interfaces())
     config = (
         f"All six processes ran side by side against one mosquitto and one upsd (dummy-ups, {NUT_DUMP.name}); "
@@ -366,7 +366,10 @@ def report(watched: list[Watched], intervals: dict[float, int], elapsed: float, 
         "memory (%), interface, uptime, load, df (/), ping, nut, mqtt (QoS 1). node-exporter: cpu, meminfo, "
         "netdev, loadavg, stat, filesystem; no ping, UPS or MQTT (it does less). RSS steady = median VmRSS "
         "over the window; peak = VmHWM; CPU = utime+stime from /proc/PID/stat. \"÷ hubwatch\": the program's "
-        "figure divided by hubwatch-agent's at the same interval (below 1: lighter than hubwatch).")
+        "figure divided by hubwatch-agent's at the same interval (below 1: lighter than hubwatch). CPU time "
+        f"is counted in {1000 // CLK_TCK} ms ticks: a peer that used only a few ticks in the window has a "
+        "ratio good to about one tick. hubwatch's 10 s figure includes its UPS fast path (ups_poll 2 s: "
+        "five UPS reads per cycle).")
     return config + "\n\n" + table(headers, rows) + "\n\n" + "\n".join(verdicts)
 
 

@@ -18,7 +18,7 @@ from agent.catalogue import MEASUREMENTS
 from tests.collector_harness import start_agent, start_collector, wait_for
 from agent.outbox import read_stats
 from tests.services.proxy import TcpProxy
-from tests.test_alerts import Webhook
+from tests.test_alerts import Webhook, smtp  # noqa: F401  (smtp: a real SMTP server fixture)
 
 REPO = Path(__file__).resolve().parent.parent
 DUMP = REPO.parent / "shared" / "data" / "nut-ddl" / "APC" / "APC__Back-UPS_RS_800__usbhid-ups__2.2.2__01.dev"
@@ -79,8 +79,20 @@ def test_api_v2_end_to_end_through_influxdb_client(tmp_path, nut_server, mosquit
 
 # --- scenarios ---------------------------------------------------------------------------------
 
-def scenario_config(webhook: Webhook, **rules) -> str:
+def scenario_config(webhook: Webhook, smtp=None, secret_dir: Path | None = None, **rules) -> str:
     rule_lines = "\n".join(f"    {name}: {json.dumps(v)}" for name, v in rules.items())
+    email = ""
+    if smtp is not None:
+        (secret_dir / "smtp.password").write_text("smtp-secret\n")
+        email = f"""    - type: email
+      host: 127.0.0.1
+      port: {smtp.port}
+      username: alerts
+      password_file: {secret_dir / 'smtp.password'}
+      from: hubwatch@example.org
+      to: [duty@example.org]
+      ca_file: {smtp.cert}
+"""
     return f"""outages:
   agent_interval: 1s
   min_power_s: 5s
@@ -92,7 +104,7 @@ alerts:
   notifiers:
     - type: webhook
       url: {webhook.url}
-"""
+{email}"""
 
 
 @pytest.fixture
@@ -115,11 +127,11 @@ def report_json(tmp_path, collector_config: Path, start: float) -> dict:
     return json.loads(result.stdout)
 
 
-def test_power_cut_blip_and_drain_alerts(tmp_path, nut_server, mosquitto, influx, webhook):
+def test_power_cut_blip_and_drain_alerts(tmp_path, nut_server, mosquitto, influx, webhook, smtp):
     nut = nut_server({"hubups": DUMP})
     started = time.time()
     start_collector(tmp_path, mosquitto, influx, extra=scenario_config(
-        webhook, on_battery={"debounce": "3s"}, runtime_low={"threshold_minutes": 0.5, "window": "30s"},
+        webhook, smtp, tmp_path, on_battery={"debounce": "3s"}, runtime_low={"threshold_minutes": 0.5, "window": "30s"},
         battery_aging={"window": "20s"}))
     start_agent(tmp_path, mosquitto.url, HUB, "gw01", probes(nut.port, mosquitto.port))
     wait_for(lambda: rows(influx, "SELECT * FROM ups LIMIT 1"), 20, "first ups point")
@@ -140,6 +152,10 @@ def test_power_cut_blip_and_drain_alerts(tmp_path, nut_server, mosquitto, influx
                      "the power outage")
     assert len(power) == 1 and abs(power[0]["duration_seconds"] - 15) <= 2, power
     assert [(c["rule"], c["state"]) for _, c in webhook.calls] == [("on_battery", "firing"), ("on_battery", "resolved")]
+    wait_for(lambda: len(smtp.messages) >= 2, 20, "two emails")
+    subjects = [next(l for l in body.splitlines() if l.startswith("Subject:")) for _, body in smtp.messages]
+    assert len(subjects) == 2 and "WARNING on_battery" in subjects[0] and f"{HUB}/gw01" in subjects[0]
+    assert "RESOLVED on_battery" in subjects[1]
 
     # a steady drain from 100 % towards 20 %; the UPS's own runtime estimate is twice the
     # truth (an aging battery): runtime_low must fire before LB, and battery_aging must fire.
