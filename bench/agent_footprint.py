@@ -170,7 +170,9 @@ def start_node_exporter(work: Path, name: str) -> tuple[ServiceProcess, int]:
     ifaces = "|".join(two_interfaces())
     argv = [str(NODE_EXPORTER), f"--web.listen-address=127.0.0.1:{port}", "--collector.disable-defaults",
             "--collector.cpu", "--collector.meminfo", "--collector.netdev", "--collector.loadavg",
-            "--collector.stat", "--collector.filesystem", "--collector.netdev.device-exclude=", f"--collector.netdev.device-include=^({ifaces})$"]
+            "--collector.stat", "--collector.filesystem",
+            # its default excludes lo, and an exclude and an include together are refused
+            "--collector.netdev.device-exclude=", f"--collector.netdev.device-include=^({ifaces})$"]
     proc = ServiceProcess(name, argv, work / f"run-{name}").start()
     proc.wait_for_port(port)
     return proc, port
@@ -214,7 +216,8 @@ class Watched:
     peer: str
     interval: float
     proc: ServiceProcess
-    cycles: list[float] = field(default_factory=list)  # when each cycle's output was seen
+    seen: list[float] = field(default_factory=list)  # when each cycle's output was seen (monotonic)
+    cycles_seen: int = 0                              # ... inside the window
     cpu_start: float = 0.0
     cpu_end: float = 0.0
     rss_kb: list[int] = field(default_factory=list)
@@ -232,13 +235,12 @@ class Scraper(threading.Thread):
         super().__init__(daemon=True)
         self.url = f"http://127.0.0.1:{port}/metrics"
         self.interval, self.stop_event, self.seen = interval, stop, seen
-        self.bytes = 0
 
     def run(self) -> None:
         next_at = time.monotonic()
         while not self.stop_event.is_set():
             with urllib.request.urlopen(self.url, timeout=5) as response:
-                self.bytes += len(response.read())
+                response.read()
             self.seen.append(time.monotonic())
             next_at += self.interval
             self.stop_event.wait(max(0.0, next_at - time.monotonic()))
@@ -264,7 +266,8 @@ def main(argv=None) -> str:
             nut = start_nut(servers)
             collector = StandInCollector(broker, client_id="bench-standin")
             counter = Subscriber(broker, "collectd/#", client_id="bench-counter")
-            progress(f"starting hubwatch-agent, collectd and node-exporter at {', '.join(f'{i:g} s' for i in intervals)}")
+            both = ", ".join(f"{i:g} s" for i in intervals)
+            progress(f"starting hubwatch-agent, collectd and node-exporter at {both}")
             for interval in intervals:
                 tag = f"{interval:g}s"
                 config = agent_yaml(work / f"agent-{tag}.yaml", hub="bench-hub", host=f"gw{tag}",
@@ -276,41 +279,32 @@ def main(argv=None) -> str:
                 proc, port = start_node_exporter(work, f"node-exporter-{tag}")
                 w = Watched("prometheus-node-exporter", interval, proc)
                 watched.append(w)
-                Scraper(port, interval, stop, w.cycles).start()
+                Scraper(port, interval, stop, w.seen).start()
             progress(f"warming up for {args.warmup:g} s, then measuring for {window:g} s")
             time.sleep(args.warmup)
             counter.messages(timeout=0)  # what arrived during the warm-up is not counted
             opened = time.monotonic()
             for w in watched:
                 w.cpu_start = cpu_seconds(w.pid)
-            seen_collectd: dict[str, list[float]] = {f"gw{i:g}s": [] for i in intervals}
+            by_host = {(w.peer, f"gw{w.interval:g}s"): w for w in watched}
             while time.monotonic() - opened < window:
                 for w in watched:
                     w.rss_kb.append(memory_kb(w.pid)["VmRSS"])
                 for message in counter.messages(timeout=1.0, count=10**9):  # all of one second
-                    host = message.topic.split("/")[1]  # collectd/{host}/cpu/percent-active
-                    if message.topic.endswith("/cpu/percent-active") and host in seen_collectd:
-                        seen_collectd[host].append(time.monotonic())
+                    if message.topic.endswith("/cpu/percent-active"):  # collectd/{host}/cpu/...: once a cycle
+                        by_host[("collectd", message.topic.split("/")[1])].seen.append(message.timestamp)
             closed = time.monotonic()
             for w in watched:
                 w.cpu_end = cpu_seconds(w.pid)
                 w.hwm_kb = memory_kb(w.pid)["VmHWM"]
             stop.set()
-            # how many cycles each peer really did inside the window
             with collector.lock:
-                agent_cycles = {}
-                for at, kind, env in collector.arrivals:
-                    if kind == "metrics" and opened <= at <= closed:
-                        n = sum(1 for s in env.samples if s.measurement == "system")
-                        agent_cycles[env.host] = agent_cycles.get(env.host, 0) + n
+                for arrived, kind, envelope in collector.arrivals:
+                    for sample in envelope.samples:
+                        if kind == "metrics" and sample.measurement == "system":
+                            by_host[("hubwatch-agent", envelope.host)].seen.append(arrived)
             for w in watched:
-                tag = f"gw{w.interval:g}s"
-                if w.peer == "hubwatch-agent":
-                    w.cycles = [0.0] * agent_cycles.get(tag, 0)
-                elif w.peer == "collectd":
-                    w.cycles = seen_collectd[tag]
-                else:
-                    w.cycles = [t for t in w.cycles if opened <= t <= closed]
+                w.cycles_seen = sum(1 for t in w.seen if opened <= t <= closed)
             elapsed = closed - opened
             counter.close()
             collector.close()
@@ -339,7 +333,7 @@ def report(watched: list[Watched], intervals: dict[float, int], elapsed: float, 
             rss = statistics.median(w.rss_kb) / 1024
             hwm = w.hwm_kb / 1024
             share = 100 * cpu / elapsed
-            rows.append([f"{interval:g} s", w.peer, f"{planned} ({len(w.cycles)} seen)", f"{rss:.1f}",
+            rows.append([f"{interval:g} s", w.peer, f"{planned} ({w.cycles_seen} seen)", f"{rss:.1f}",
                          f"{rss / ref_rss:.2f}", f"{hwm:.1f}", f"{hwm / ref_hwm:.2f}", f"{cpu:.2f}", f"{per_1000:.1f}",
                          f"{per_1000 / ref_cpu:.2f}" if ref_cpu else "–", f"{share:.2f}%"])
         cpu_share = 100 * (ref.cpu_end - ref.cpu_start) / elapsed
@@ -347,7 +341,8 @@ def report(watched: list[Watched], intervals: dict[float, int], elapsed: float, 
             ok_rss = ref_hwm <= TARGET_RSS_MB
             ok_cpu = cpu_share <= TARGET_CPU_PERCENT
             verdicts.append(f"**Verdict (10 s, DESIGN targets RSS ≤ {TARGET_RSS_MB:g} MB, CPU ≤ "
-                            f"{TARGET_CPU_PERCENT:g}% of a core):** RSS steady {ref_rss:.1f} MB / peak {ref_hwm:.1f} MB "
+                            f"{TARGET_CPU_PERCENT:g}% of a core):** RSS steady {ref_rss:.1f} MB / "
+                            f"peak {ref_hwm:.1f} MB "
                             f"— {'met' if ok_rss else 'NOT met'}; CPU {cpu_share:.2f}% of a core — "
                             f"{'met' if ok_cpu else 'NOT met'}.")
     headers = ["interval", "program", "cycles in window", "RSS steady MB", "÷ hubwatch", "RSS peak MB",

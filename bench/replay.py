@@ -251,7 +251,8 @@ def drain(work: Path, shape: str, db: Path, expected: int, before_ns: int, nut_p
             left = read_stats(db).samples
         label = shape if window is None else f"{shape}, publish.window {window}"
         return Drain(label, "real collector → influxd" if real_collector else "lean acker", expected,
-                     stats.messages + read_stats(db).next_seq - stats.next_seq, stats.file_bytes / 2**20, done - started, done - (first or started), left)
+                     stats.messages + read_stats(db).next_seq - stats.next_seq, stats.file_bytes / 2**20,
+                     done - started, done - (first or started), left)
     finally:
         if acker is not None:
             acker.close()
