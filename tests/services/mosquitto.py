@@ -11,7 +11,8 @@ Fixtures
     - ``acl="..."``: the text of an ``acl_file`` (``user NAME`` / ``topic write a/#`` /
       ``pattern read a/%u/#``; the lines before the first ``user`` apply to anonymous clients).
     - ``allow_anonymous``: default True without ``users``, False with them.
-    - ``extra_config=["max_queued_messages 0", ...]``: more lines for mosquitto.conf.
+    - ``extra_config=["max_queued_messages 10000000", ...]``: more lines for mosquitto.conf
+      (not 0 = unlimited: mosquitto 2.0.11 then drops a client after its second refused publish).
     - ``autosave_interval=1``: seconds between persistence saves (what a SIGKILL can lose).
 
 ``mosquitto -> MosquittoBroker``
