@@ -100,6 +100,8 @@ class Collector:
         self._dead = DeadLetters(config.dead_letter.path, config.dead_letter.max_mb)
         self._highest_seq: dict[tuple[str, str], int] = {}
         self._converter = Converter()
+        self._pending: queue.Queue[Batch | None] = queue.Queue(maxsize=2)
+        self._writer_thread = threading.Thread(target=self._write_loop, name="writer", daemon=True)
         self._control_prefixes = (f"{config.mqtt.topic_prefix}/collectors/", f"{config.alerts.topic}/")
         self._boots: dict[tuple[str, str], float] = {}
         self.cluster = Cluster(config.instance, config.mqtt.topic_prefix)
@@ -271,6 +273,23 @@ class Collector:
             return True
 
     def _flush(self, batch: Batch) -> None:
+        """Hand a full batch to the writer thread: the worker goes on validating the next one
+        while this one is written (InfluxDB works on the other core). At most two batches wait,
+        so an InfluxDB outage stops intake instead of filling memory."""
+        while not self._stop.is_set():
+            try:
+                self._pending.put(batch, timeout=0.5)
+                return
+            except queue.Full:
+                self._heartbeat.beat()
+        # stopping while InfluxDB is down: nothing acked, the broker redelivers it all
+
+    def _write_loop(self) -> None:
+        while (batch := self._pending.get()) is not None:
+            self._complete(batch)
+
+    def _complete(self, batch: Batch) -> None:
+        """Write a batch, then acknowledge its messages and tell the agents and the leader."""
         if batch.lines and not self._write(batch.lines):
             return  # stopping with InfluxDB down: nothing acked, the broker keeps it all
         self.stats.last_batch = len(batch.lines)
@@ -333,6 +352,7 @@ class Collector:
         self._client.loop_start()
         engine_thread = threading.Thread(target=self.engine.run, args=(self._stop,), name="engine", daemon=True)
         engine_thread.start()
+        self._writer_thread.start()
         sdnotify.status(f"connecting to {cfg.mqtt.host}:{cfg.mqtt.port}")
         batch = Batch()
         next_stats = time.monotonic() + ingest.stats_interval
@@ -386,13 +406,16 @@ class Collector:
                 self._take(self._inbox.get_nowait(), batch)
             except queue.Empty:
                 break
+        stopping, self._stop = self._stop, threading.Event()
+        deadline = threading.Timer(10.0, self._stop.set)  # give a down InfluxDB 10 s, no more
+        deadline.start()
         if batch.messages:
-            stopping, self._stop = self._stop, threading.Event()
-            deadline = threading.Timer(10.0, self._stop.set)  # give a down InfluxDB 10 s, no more
-            deadline.start()
             self._flush(batch)
-            deadline.cancel()
-            self._stop = stopping
+        self._pending.put(None)
+        if self._writer_thread.is_alive():
+            self._writer_thread.join(12.0)
+        deadline.cancel()
+        self._stop = stopping
         self.engine.close()
         leave = self._client.publish(self.cluster.my_topic, b"", qos=1, retain=True)  # no longer a member
         self._ack_infos = getattr(self, "_ack_infos", []) + [leave]
