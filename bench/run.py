@@ -29,7 +29,8 @@ BENCHMARKS = {
     "replay": ("Replay: draining a 24 h outbox backlog", []),
     "alert_latency": ("Alert latency: UPS on battery to webhook", []),
     "report_time": ("Report time", []),
-    "fleet": ("Fleet simulation: 14 to 10,000 hubs and the saturation point", []),
+    "fleet": ("Fleet simulation: 14 to 10,000 hubs and the saturation point",
+              ["--hubs", "14,1000,10000", "--push", "12500,15000", "--duration", "120", "--drain-timeout", "120"]),
 }
 
 
