@@ -30,7 +30,7 @@ BENCHMARKS = {
     "alert_latency": ("Alert latency: UPS on battery to webhook", []),
     "report_time": ("Report time", []),
     "fleet": ("Fleet simulation: 14 to 10,000 hubs and the saturation point",
-              ["--hubs", "14,1000,10000", "--push", "12500,15000", "--duration", "120", "--drain-timeout", "120"]),
+              ["--hubs", "14,1000,10000", "--push", "12500,15000", "--duration", "90", "--drain-timeout", "90"]),
 }
 
 
