@@ -60,10 +60,13 @@ def render_table(total: int, counts: Counter) -> str:
     return "\n".join(lines)
 
 
-needs_corpus = pytest.mark.skipif(not CORPUS.is_dir(), reason=f"device library not found at {CORPUS}")
+@pytest.fixture
+def needs_corpus():
+    if not CORPUS.is_dir():
+        pytest.fail(f"device library not found at {CORPUS} (shared/data/nut-ddl beside the repository)")
 
 
-@needs_corpus
+@pytest.mark.usefixtures("needs_corpus")
 def test_every_dump_parses_into_sane_fields():
     files = corpus_files()
     assert len(files) == 718, f"expected the 718 dumps of the library, found {len(files)}"
@@ -78,7 +81,7 @@ def test_every_dump_parses_into_sane_fields():
         assert status is None or (status.strip() == status and "  " not in status), (path.name, status)
 
 
-@needs_corpus
+@pytest.mark.usefixtures("needs_corpus")
 def test_field_coverage_is_reported_and_sane():
     total, counts = coverage()
     table = render_table(total, counts)
@@ -92,7 +95,7 @@ def test_field_coverage_is_reported_and_sane():
     assert all(counts[f] > 0 for f in GAUGE_FIELDS)
 
 
-@needs_corpus
+@pytest.mark.usefixtures("needs_corpus")
 def test_docs_carry_the_current_coverage_table():
     total, counts = coverage()
     text = DOC.read_text()
@@ -101,7 +104,7 @@ def test_docs_carry_the_current_coverage_table():
     assert match.group(1) == render_table(total, counts), "run: python -m tests.test_nut_corpus"
 
 
-@needs_corpus
+@pytest.mark.usefixtures("needs_corpus")
 def test_recorded_oddities_are_read_as_the_device_meant():
     by_name = {p.name: parse_upsc_dump(p.read_text(errors="replace")) for p in corpus_files()}
     # An inline "#BAD:" note after a value is a comment, not part of the value.

@@ -343,7 +343,7 @@ def ddl_server(nut_server_module):
     """One upsd for the module: the chosen device dumps plus a few spare UPS (a server start
     costs dummy-ups about three seconds, so tests share it where they can)."""
     if not CORPUS.is_dir():
-        pytest.skip(f"device library not found at {CORPUS}")
+        pytest.fail(f"device library not found at {CORPUS} (shared/data/nut-ddl beside the repository)")
     selection = live_selection()
     server = nut_server_module({**selection, **{name: GOOD for name in SPARE_UPS}}, users=USERS)
     return server, selection

@@ -249,8 +249,13 @@ def test_agent_unit_can_read_the_clock_state():
     assert unit_value("collector", "ProtectClock") == ["yes"]
 
 
-@pytest.mark.skipif(not SYSTEMD_ANALYZE, reason="systemd-analyze is not installed (Debian package systemd)")
+def require_systemd_analyze() -> None:
+    if not SYSTEMD_ANALYZE:
+        pytest.fail("systemd-analyze is not installed (Debian package systemd): `make test` installs it")
+
+
 def test_systemd_analyze_verify_passes(tmp_path):
+    require_systemd_analyze()
     units = [str(unit_for_this_machine(name, tmp_path)) for name in UNITS]
     result = subprocess.run([SYSTEMD_ANALYZE, "verify", *units], capture_output=True, text=True, timeout=60,
                             cwd=tmp_path)
@@ -258,9 +263,9 @@ def test_systemd_analyze_verify_passes(tmp_path):
     assert "hubwatch" not in result.stderr, result.stderr  # no warning about our units either
 
 
-@pytest.mark.skipif(not SYSTEMD_ANALYZE, reason="systemd-analyze is not installed (Debian package systemd)")
 @pytest.mark.parametrize("name", ["agent", "collector"])
 def test_systemd_analyze_security_exposure(name, tmp_path):
+    require_systemd_analyze()
     unit = unit_for_this_machine(name, tmp_path)
     result = subprocess.run([SYSTEMD_ANALYZE, "security", "--offline=yes", "--no-pager", str(unit)],
                             capture_output=True, text=True, timeout=60, cwd=tmp_path)
@@ -339,7 +344,12 @@ def traced(argv: list[str], workdir: Path, *, run_for: float | None = None) -> s
     return calls
 
 
-needs_tracing = pytest.mark.skipif(not (SYSTEMD_ANALYZE and STRACE), reason="needs systemd-analyze and strace")
+@pytest.fixture
+def needs_tracing():
+    """systemd-analyze and strace are installed by `make test` (Debian systemd, strace)."""
+    require_systemd_analyze()
+    if not STRACE:
+        pytest.fail("strace is not installed (Debian package strace): `make test` installs it")
 
 
 def agent_config(tmp_path: Path, broker_url: str = "mqtt://127.0.0.1:9") -> Path:
@@ -360,14 +370,14 @@ probes:
     return cfg
 
 
-@needs_tracing
+@pytest.mark.usefixtures("needs_tracing")
 def test_agent_probes_make_only_calls_the_unit_allows(trace_dir):
     calls = traced([str(VENV_BIN / "hubwatch-agent"), "--once", "-c", str(agent_config(trace_dir))], trace_dir)
     assert "clock_adjtime" in calls or "adjtimex" in calls  # the clock state is really read
     assert calls - allowed_syscalls("agent") == set()
 
 
-@needs_tracing
+@pytest.mark.usefixtures("needs_tracing")
 @pytest.mark.services
 def test_agent_run_loop_makes_only_calls_the_unit_allows(trace_dir, mosquitto):
     calls = traced([str(VENV_BIN / "hubwatch-agent"), "-c", str(agent_config(trace_dir, mosquitto.url))],
@@ -377,7 +387,7 @@ def test_agent_run_loop_makes_only_calls_the_unit_allows(trace_dir, mosquitto):
     assert calls - allowed_syscalls("agent") == set()
 
 
-@needs_tracing
+@pytest.mark.usefixtures("needs_tracing")
 @pytest.mark.services
 def test_collector_makes_only_calls_the_unit_allows(trace_dir, mosquitto, influx):
     config = write_collector_config(trace_dir / "collector.yaml", mosquitto, influx)

@@ -6,7 +6,7 @@ serves every UPS's data (asked with NUT's own ``upsc``, not with the code under 
 returns a :class:`NutServer`. Everything it started is killed when the test ends, passed
 or failed. ``nut_server_module`` is the same factory for servers a test module shares, and
 ``nss_cert`` makes a CA and a server certificate in an NSS database for ``tls=`` (STARTTLS;
-needs ``certutil``/``pk12util`` from Debian's libnss3-tools, else the test is skipped).
+needs ``certutil``/``pk12util`` from Debian's libnss3-tools, which ``make test`` installs).
 
 Traps this works around (NUT 2.8 on Debian):
 
@@ -351,7 +351,8 @@ class NutServers:
 
 def _servers() -> Iterator[NutServers]:
     if not nut_available():
-        pytest.skip("NUT (nut-server, nut-client) is not installed: /lib/nut/upsd, dummy-ups, upsc")
+        pytest.fail("NUT (nut-server, nut-client) is not installed: /lib/nut/upsd, dummy-ups, upsc — "
+                    "`make test` installs it")
     servers = NutServers()
     try:
         yield servers
@@ -376,7 +377,8 @@ def nss_cert(tmp_path_factory) -> NssCert:
     """A CA and a server certificate for 127.0.0.1, the latter imported into an NSS database."""
     certutil, pk12util, openssl = (shutil.which(t) for t in ("certutil", "pk12util", "openssl"))
     if not (certutil and pk12util and openssl):
-        pytest.skip("STARTTLS test needs certutil and pk12util (Debian libnss3-tools) and openssl")
+        pytest.fail("STARTTLS test needs certutil and pk12util (Debian libnss3-tools) and openssl — "
+                    "`make test` installs them")
     root = tmp_path_factory.mktemp("nss")
     run = lambda *argv: subprocess.run(argv, cwd=root, check=True, capture_output=True, timeout=60)  # noqa: E731
     run(openssl, "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "2", "-subj", "/CN=hubwatch test CA",
