@@ -1,16 +1,19 @@
-"""The leader's work: outages and alerts, on exactly one collector instance at a time.
+"""The leaders' work: outages and alerts, each hub on exactly one collector instance at a time.
 
 Membership: every instance keeps a retained message on ``{prefix}/collectors/members/{instance}``
 and clears it on a clean stop; its Last Will clears it when it dies. Every instance sees the
-same member set, and the leader is the first instance name in it — deterministic, no vote.
-A new leader waits ``settle`` seconds after the set last changed before acting, so two
-instances never act at once while the news spreads, and the retained alert states (below)
-have arrived.
+same member set, and the hubs are shared out over it by a hash of the hub's name: hub ``h``
+belongs to the ``crc32(h) mod N``-th of the N instance names in sorted order — deterministic,
+no vote, and the engine's work scales with the instances as ingest does. After the set
+changes an instance waits ``settle`` seconds before acting, so two instances never act on
+one hub at once while the news spreads, and the retained alert states (below) have arrived.
 
 Pokes: the instance that stored a message worth reacting to (a UPS event, a status change,
 late replayed samples, an unreachable internet target, a new boot time) publishes the hub on
-``{prefix}/collectors/poke``; the leader evaluates that hub's alerts at once and recomputes
-its outages (at most every ``recompute_interval``).
+``{prefix}/collectors/poke``; the hub's leader evaluates its alerts at once and recomputes
+its outages (at most every ``recompute_interval``; a pass spends at most
+``Engine.RECOMPUTE_BUDGET_S`` on outages before it looks at new pokes again, so a burst of
+replays never holds an alert back).
 
 Alert state survives restarts as retained messages under ``alerts.topic``
 (``{topic}/{hub}/{rule}/{host}[/{ups}]``): the active alerts, readable by anyone (the MQTT
@@ -24,6 +27,7 @@ import logging
 import queue
 import threading
 import time
+import zlib
 from dataclasses import dataclass
 
 from collector.alerts import RULES, AlertState, Finding, Transitions, UpsReading, evaluate_offline, evaluate_ups, step
@@ -63,10 +67,26 @@ class Cluster:
                 log.info("collector instances: %s (leader: %s)", ", ".join(sorted(self._members)) or "none",
                          min(self._members) if self._members else "none")
 
-    def is_leader(self) -> bool:
+    def share(self) -> tuple[int, int] | None:
+        """(this instance's index, number of instances) once the member set has settled;
+        None while it is changing or this instance is not in it yet."""
         with self._lock:
-            return (bool(self._members) and min(self._members) == self.instance
-                    and time.monotonic() - self._changed >= self.settle_s)
+            if self.instance not in self._members or time.monotonic() - self._changed < self.settle_s:
+                return None
+            members = sorted(self._members)
+            return members.index(self.instance), len(members)
+
+    def is_leader(self) -> bool:
+        """True when this instance leads some hubs' outages and alerts (its share)."""
+        return self.share() is not None
+
+    @staticmethod
+    def owner_index(hub: str, count: int) -> int:
+        return zlib.crc32(hub.encode()) % count
+
+    def owns(self, hub: str) -> bool:
+        share = self.share()
+        return share is not None and self.owner_index(hub, share[1]) == share[0]
 
 
 @dataclass
@@ -88,6 +108,7 @@ class Poke:
 class Engine:
     WATCH_S = 15 * 60          # a poked hub stays under evaluation this long
     SILENCE_SWEEP_S = 15.0
+    RECOMPUTE_BUDGET_S = 0.5   # outage work per pass of the loop before pokes are looked at again
 
     def __init__(self, config: CollectorConfig, client, cluster: Cluster):
         self.config = config
@@ -104,7 +125,7 @@ class Engine:
         self._ongoing: set[str] = set()
         self._last_refresh = 0.0
         self._last_sweep = 0.0
-        self._was_leader = False
+        self._was_share: tuple[int, int] | None = None
         self.notifiers = ([WebhookNotifier(w) for w in config.alerts.webhooks]
                           + [EmailNotifier(e) for e in config.alerts.emails])
 
@@ -123,7 +144,10 @@ class Engine:
         except (ValueError, KeyError, TypeError):
             log.warning("ignoring unreadable alert state on %s", topic)
             return
-        self.active.setdefault(state.key, state)
+        if self._mine(state.hub):
+            self.active.setdefault(state.key, state)  # ours: what this instance holds is newer
+        else:
+            self.active[state.key] = state  # its leader's latest, should the hub become ours
 
     # --- the loop ---------------------------------------------------------------------------
     def run(self, stop: threading.Event) -> None:
@@ -146,11 +170,15 @@ class Engine:
                 if p.hub not in self._dirty or (p.since_ns is not None and (
                         self._dirty[p.hub] is None or p.since_ns < self._dirty[p.hub])):
                     self._dirty[p.hub] = p.since_ns
-            leader = self.cluster.is_leader()
-            if leader != self._was_leader:
-                log.info("this instance %s the leader (outages and alerts)", "is now" if leader else "is no longer")
-                self._was_leader = leader
-            if not leader:
+            share = self.cluster.share()
+            if share != self._was_share:
+                if share is None:
+                    log.info("this instance is no longer the leader (outages and alerts)")
+                else:
+                    log.info("this instance is now the leader (outages and alerts) of the hubs in share %d of %d",
+                             share[0] + 1, share[1])
+                self._was_share = share
+            if share is None:
                 continue
             try:
                 urgent = {p.hub for p in pokes if p.urgent}
@@ -161,6 +189,7 @@ class Engine:
                     hubs = set(self._watch) | {s.hub for s in self.active.values()}
                 else:
                     hubs = urgent
+                hubs = {h for h in hubs if self._mine(h, share)}
                 if self.config.alerts.enabled and hubs:
                     self.evaluate(sorted(hubs))
                 if now - self._last_sweep >= self.SILENCE_SWEEP_S:
@@ -173,13 +202,23 @@ class Engine:
             except Exception:
                 log.exception("outage/alert evaluation failed")
 
+    def _mine(self, hub: str, share: tuple[int, int] | None = None) -> bool:
+        share = share or self.cluster.share()
+        return share is not None and Cluster.owner_index(hub, share[1]) == share[0]
+
     def _recompute_outages(self, now: float) -> None:
         cfg = self.config.outages
+        share = self.cluster.share()
         if now - self._last_refresh >= cfg.refresh:
             self._last_refresh = now
             for hub in self._ongoing:
                 self._dirty.setdefault(hub, None)
+        budget_end = time.monotonic() + self.RECOMPUTE_BUDGET_S
         for hub in list(self._dirty):
+            if time.monotonic() >= budget_end:
+                break  # the rest on the next pass, after any new pokes
+            if not self._mine(hub, share):
+                continue  # another instance's (kept: it may become ours if an instance leaves)
             if now - self._last_recompute.get(hub, 0.0) < cfg.recompute_interval:
                 continue
             since = self._dirty.pop(hub)
@@ -260,16 +299,19 @@ class Engine:
         ``offline`` status point; agents sending again after that get ``online``."""
         now_ns = time.time_ns() if now_ns is None else now_ns
         params = self.config.outages.params
-        limit_ns = int(params.silence_intervals * params.agent_interval_s * NS)
+        limit_ns = int((params.silence_intervals * params.agent_interval_s + params.agent_batch_max_age_s) * NS)
         last_r, status_r = self._q.query(
             f'SELECT last("uptime_seconds") FROM "system" WHERE time > {now_ns - 2 * 3600 * NS} GROUP BY "hub", "host";'
             f'SELECT last("state") AS "state" FROM "status" WHERE time > {now_ns - 30 * 86400 * NS} GROUP BY "hub", "host"')
         states = {(t.get("hub"), t.get("host")): rows[0] for t, rows in series_rows(status_r) if rows}
+        share = self.cluster.share()
         lines = []
         for tags, rows in series_rows(last_r):
             if not rows:
                 continue
             key = (tags.get("hub", ""), tags.get("host", ""))
+            if not self._mine(key[0], share):
+                continue
             last_seen = rows[0]["time"]
             state = states.get(key, {}).get("state")
             if now_ns - last_seen > limit_ns and state in (None, "online"):

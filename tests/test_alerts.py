@@ -165,6 +165,7 @@ def smtp(tmp_path):
 def alerts_config(webhook, smtp=None, debounce="2s", secret_dir=None) -> str:
     text = f"""outages:
   agent_interval: 1s
+  agent_batch_max_age: 0s
 alerts:
   interval: 0.5s
   rules:
@@ -260,3 +261,32 @@ def test_exactly_once_with_two_collectors_and_a_restart_mid_alert(tmp_path, mosq
     time.sleep(3)
     calls = [(c["rule"], c["state"]) for _, c in webhook.calls]
     assert calls == [("on_battery", "firing"), ("on_battery", "resolved")], calls
+
+
+def test_two_collectors_share_the_hubs_and_each_alert_comes_once_from_its_hub_leader(tmp_path, mosquitto, influx,
+                                                                                      webhook):
+    from collector.engine import Cluster
+    # two hubs that hash to different instances of two ("c1" sorts first: index 0)
+    hubs = {}
+    for n in range(100):
+        hubs.setdefault(Cluster.owner_index(f"hub-{n:02d}", 2), f"hub-{n:02d}")
+    extra = alerts_config(webhook)
+    c1 = start_collector(tmp_path, mosquitto, influx, instance="c1", extra=extra)
+    c2 = start_collector(tmp_path, mosquitto, influx, instance="c2", extra=extra)
+    for c in (c1, c2):
+        wait_for(lambda c=c: "of the hubs in share" in c.log_path.read_text() and " of 2" in c.log_path.read_text(),
+                 15, f"{c.name} leads its share")
+    cuts = [threading.Thread(target=play_power_cut, args=(mosquitto, 6), kwargs={"hub": hubs[i]}) for i in (0, 1)]
+    for t in cuts:
+        t.start()
+    for t in cuts:
+        t.join()
+    wait_for(lambda: len(webhook.calls) >= 4, 20, "firing and resolved for both hubs")
+    time.sleep(2)
+    calls = sorted((c["hub"], c["state"]) for _, c in webhook.calls)
+    assert calls == sorted([(hubs[0], "firing"), (hubs[0], "resolved"), (hubs[1], "firing"), (hubs[1], "resolved")])
+    # each hub's alert was raised by the instance that owns it, and only by that one
+    for index, collector in ((0, c1), (1, c2)):
+        log = collector.log_path.read_text()
+        assert f"alert firing on_battery/{hubs[index]}/" in log, log[-2000:]
+        assert hubs[1 - index] not in "".join(l for l in log.splitlines(True) if "alert firing" in l)
