@@ -15,9 +15,11 @@ one MQTT connection per hub; one process per 6,000 hubs: a process costs about 4
 per 1,000 hubs, and several keep each one's asyncio loop on schedule and spread them over
 the cores).
 
-- **lag**: the simulators report a sampled live message's ``system`` sample time ``t``; a
-  prober asks InfluxDB for that exact point every half second, and the lag is the time from
-  ``t`` to the first answer that has it. The collector's own ``hubwatch_collector.lag_seconds``
+- **lag**: the simulators report a sampled live message (its newest ``system`` sample's time
+  ``t`` and when the message was published); a prober asks InfluxDB for that exact point
+  every half second, and the lag is the time from the publish to the first answer that has
+  it: what the broker and the collectors add. (The hubs batch 60 s of cycles per message, as
+  the agent does by default, so a sample itself is up to a minute older than that.) The collector's own ``hubwatch_collector.lag_seconds``
   (age of the newest sample in each batch it writes) is reported beside it.
 - **loss**: after the sampling stops, the hubs' power and links come back and their outboxes
   drain (each message stays until the collector acknowledges its seq); then every sample
@@ -124,7 +126,7 @@ class Simulators:
         self.finals: list[dict] = []
         self.stats: dict[int, dict] = {}
         self.stats_history: list[tuple[float, int, dict]] = []
-        self.canaries: "queue.Queue[tuple[str, int]]" = queue.Queue()
+        self.canaries: "queue.Queue[tuple[str, int, int]]" = queue.Queue()
         self.cuts: list[tuple[str, int, float]] = []
         self._lock = threading.Lock()
         per = math.ceil(hubs / procs)
@@ -135,7 +137,8 @@ class Simulators:
             argv = [sys.executable, str(Path(fleetsim.__file__)), "--broker", f"{broker.host}:{broker.port}",
                     "--hubs", str(count), "--first", str(first), "--interval", str(args.interval),
                     "--duration", str(args.duration), "--drain-timeout", str(args.drain_timeout),
-                    "--seed", str(args.seed), "--canary-every", str(canary_every), "--wait-for-go"]
+                    "--seed", str(args.seed), "--canary-every", str(canary_every), "--wait-for-go",
+                    "--batch-max-age", str(args.batch_max_age)]
             if hubs > 20_000:
                 argv.append("--spread-source")
             log = open(work / f"fleetsim-{i}.log", "wb")
@@ -152,7 +155,7 @@ class Simulators:
             except ValueError:
                 continue
             if "canary" in obj:
-                self.canaries.put((obj["canary"][0], obj["canary"][1]))
+                self.canaries.put(tuple(obj["canary"]))
             elif "cut" in obj:
                 self.cuts.append(tuple(obj["cut"]))
             elif "stats" in obj:
@@ -209,10 +212,10 @@ class Simulators:
 # --- lag: ask InfluxDB for sampled points until they are there -----------------------------
 
 class LagProber(threading.Thread):
-    def __init__(self, influx: InfluxServer, db: str, canaries: "queue.Queue[tuple[str, int]]"):
+    def __init__(self, influx: InfluxServer, db: str, canaries: "queue.Queue[tuple[str, int, int]]"):
         super().__init__(daemon=True)
         self.influx, self.db, self.canaries = influx, db, canaries
-        self.pending: list[tuple[str, int]] = []
+        self.pending: list[tuple[str, int, int]] = []  # (hub, t, published ns)
         self.found: list[tuple[float, float]] = []  # (monotonic when found, lag seconds)
         self.unseen = 0
         self.errors = 0
@@ -229,7 +232,7 @@ class LagProber(threading.Thread):
                 continue
             batch = self.pending[:40]
             q = ";".join(f"SELECT count(\"uptime_seconds\") FROM \"system\" WHERE \"hub\" = '{hub}' AND time = {t}"
-                         for hub, t in batch)
+                         for hub, t, _ in batch)
             try:
                 results = self.influx.query(q, db=self.db)
             except Exception:
@@ -237,13 +240,14 @@ class LagProber(threading.Thread):
                 continue
             now_wall, now_mono = time.time(), time.monotonic()
             seen = set()
-            for (hub, t), result in zip(batch, results):
+            for canary, result in zip(batch, results):
+                sent = canary[2] / 1e9
                 if result.get("series"):
-                    self.found.append((now_mono, now_wall - t / 1e9))
-                    seen.add((hub, t))
-                elif now_wall - t / 1e9 > 600:
+                    self.found.append((now_mono, now_wall - sent))
+                    seen.add(canary)
+                elif now_wall - sent > 600:
                     self.unseen += 1
-                    seen.add((hub, t))
+                    seen.add(canary)
             self.pending = [c for c in self.pending if c not in seen]
 
     def stop(self) -> None:
@@ -399,7 +403,7 @@ def run_fleet(work: Path, hubs: int, collectors: int, simulators: int, args) -> 
             proc.start()
             proc.wait_until(lambda p=proc: "subscribed in share group" in p.log_path.read_text(), 30, "subscribed")
             procs.append(proc)
-        messages_per_s = hubs / args.interval
+        messages_per_s = hubs / (args.interval * (1 + args.batch_max_age // args.interval))
         canary_every = max(1, int(messages_per_s / 4))  # about 4 sampled messages a second in all
         progress(f"{hubs:,} hubs: {collectors} collector(s), {simulators} simulator process(es): connecting")
         started = time.monotonic()
@@ -569,8 +573,9 @@ def render(results: list[RunResult], direct: dict[str, float] | None, args) -> s
     out = [
         f"Each size: {args.duration:.0f} s of sampling at a {args.interval:g} s interval (hubs with power cuts, "
         "battery drains, uplink drops and reboots), then the outboxes drain and every generated sample is "
-        "counted in InfluxDB. Lag = time from a sample's `t` until InfluxDB returns it (sampled live "
-        "messages, polled every 0.5 s); growth = median lag of the last third of the run minus the first. "
+        "counted in InfluxDB. Lag = time from a sampled live message's publish until InfluxDB returns its "
+        f"newest `system` point (polled every 0.5 s; each hub sends its cycles together every {args.batch_max_age:g} s, "
+        f"the agent's default `batch_max_age`, so a sample is up to that much older); growth = median lag of the last third of the run minus the first. "
         "Sustained = lag p95 < 30 s and not growing, zero loss, simulators on schedule.\n"]
     rows = []
     for r in results:
@@ -685,6 +690,8 @@ def main(argv: list[str] | None = None) -> str:
     parser.add_argument("--hubs", default="14,1000,10000", help="fleet sizes, comma-separated")
     parser.add_argument("--push", default="", help="larger sizes tried after, until one is not sustained")
     parser.add_argument("--interval", type=float, default=10.0)
+    parser.add_argument("--batch-max-age", type=float, default=60.0,
+                        help="the hubs' buffer.batch_max_age (the agent's default: 60 s; 0: a message every cycle)")
     parser.add_argument("--duration", type=float, default=150.0, help="seconds of sampling per size")
     parser.add_argument("--drain-timeout", type=float, default=180.0)
     parser.add_argument("--collectors", default="auto", help="instances in the share group (auto: 1 per 20,000 hubs)")

@@ -8,12 +8,15 @@ Each hub is its own MQTT v5 connection, as an agent's gateway PC would be: clien
 ``hubwatch-{hub}-gw01``, a persistent session (clean start off, a session expiry), the
 retained ``status`` topic with ``offline`` as the Last Will, and a subscription to its own
 ``ack`` topic. Every interval it publishes, QoS 1, real :mod:`agent.wire` envelopes (``seq``
-growing per hub) with the default probes' samples, in two ``metrics`` messages as the agent
-sends them (its UPS probe runs on its own thread and is committed apart): ``ups`` (one UPS
-through NUT); then ``net`` (one or two interfaces), ``system``, ``ping`` (the ``gateway`` and
-``internet`` targets) and the agent's own ``agent`` point. The UPS is read every
-``ups_poll`` (2 s): a power change goes out at once on ``events``, and so does every poll's
-UPS sample while on battery (no ``ups`` in the metrics then), as the agent does.
+growing per hub) with the default probes' samples: every cycle commits ``ups`` (one UPS
+through NUT), ``net`` (one or two interfaces), ``system``, ``ping`` (the ``gateway`` and
+``internet`` targets) and the agent's own ``agent`` point, and, as the agent does with its
+default ``buffer.batch_max_age`` (60 s; ``--batch-max-age``), the cycles wait until the oldest
+is that old and leave together in one ``metrics`` message. Samples are packed only while the
+link is up, so a backlog built while it was down leaves in full batches (at most 1,000
+samples a message) when it returns. The UPS is read every ``ups_poll`` (2 s): a power change
+goes out at once on ``events``, and so does every poll's UPS sample while on battery (no
+``ups`` in the metrics then), as the agent does.
 
 Messages stay in an in-memory outbox until the collector acknowledges their ``seq`` on the
 ``ack`` topic; at most ``window`` (20) wait for a PUBACK and ``max_unconfirmed`` (200) for
@@ -32,8 +35,9 @@ few minutes show every case; see ``Scenario``):
   new boot time.
 
 Writes JSON lines on stdout: ``{"ready": ...}`` once every hub is connected, ``{"canary":
-[hub, t_ns]}`` for a sampled live message (its ``system`` sample's time: the benchmark
-times how long until it is queryable in InfluxDB), ``{"cut": [hub, t_ns, seconds]}`` when a
+[hub, t_ns, sent_ns]}`` for a sampled live message (its newest ``system`` sample's time,
+and when the message was published: the benchmark times how long from then until that point
+is queryable in InfluxDB), ``{"cut": [hub, t_ns, seconds]}`` when a
 running hub loses mains power, ``{"stats": ...}`` every few seconds,
 and ``{"final": ...}`` at the end: samples generated and acknowledged per measurement.
 After ``--duration`` no new samples are taken: every hub's power and link come back and the
@@ -69,6 +73,7 @@ MAX_UNCONFIRMED = 200
 RESEND_AFTER_S = 60.0
 RESEND_MAX_S = 1800.0
 UPS_POLL_S = 2.0
+BATCH_MAX_SAMPLES = 1000  # buffer.batch_max_samples
 #: measurements a hub sends, with the field each always carries (the benchmark counts on it)
 COUNTED_FIELD = {"ups": "battery_charge_percent", "net": "rx_bytes_total", "system": "uptime_seconds",
                  "ping": "loss_percent", "agent": "outbox_samples"}
@@ -297,6 +302,8 @@ class Hub:
         # the outbox and the sender
         self.seq = rng.randrange(0, 10**6)  # as if the agent had run a while (seq survives restarts)
         self.outbox: dict[int, Message] = {}
+        self.pending: list[Sample] = []  # committed, not yet packed into a message
+        self.pending_since = 0.0
         self.urgent: deque[int] = deque()
         self.queue: deque[int] = deque()
         self.in_flight: dict[int, int] = {}   # packet id -> seq (0: not an outbox message)
@@ -344,6 +351,7 @@ class Hub:
         pid = link.pid()
         self.in_flight[pid] = 0
         link.write(publish_packet(self.topic_bytes["status"], pid, b"online", retain=True))
+        self.pack(time.monotonic())
         self.pump()
 
     def on_link_lost(self, link: Link) -> None:
@@ -375,21 +383,37 @@ class Hub:
             link.transport.abort()
 
     # --- sending --------------------------------------------------------------------------------
-    def add(self, kind: str, samples: list[Sample], now: float) -> int:
-        """Commit samples as one message (the next seq) and send it if the window allows;
-        returns the first sample's time."""
+    def commit(self, samples: list[Sample], now: float) -> None:
+        """Samples into the outbox, waiting to be packed."""
+        if not self.pending:
+            self.pending_since = now
+        self.pending.extend(samples)
+        self.sim.generated.update(s.measurement for s in samples)
+
+    def pack(self, now: float, force: bool = False) -> bool:
+        """While the link is up, pack what waits into messages once the oldest sample is
+        ``batch_max_age`` old (or with ``force``); True when a message went out at once."""
+        if not self.pending or self.link is None or not self.link.ready:
+            return False
+        if not force and now - self.pending_since < self.sim.batch_max_age:
+            return False
+        pending, self.pending = self.pending, []
+        for i in range(0, len(pending), BATCH_MAX_SAMPLES):
+            self.add("metrics", pending[i:i + BATCH_MAX_SAMPLES], count=False)
+        return not self.queue
+
+    def add(self, kind: str, samples: list[Sample], count: bool = True) -> None:
+        """Samples as one message (the next seq), sent if the window allows."""
         self.seq += 1
         seq = self.seq
         payload = wire.encode(Envelope(self.hub, HOST, seq, round(time.time(), 3), tuple(samples)))
-        counts: dict[str, int] = {}
-        for s in samples:
-            counts[s.measurement] = counts.get(s.measurement, 0) + 1
-        self.sim.generated.update(counts)
+        counts = Counter(s.measurement for s in samples)
+        if count:
+            self.sim.generated.update(counts)
         self.sim.stats["bytes_packed"] += len(payload)
         self.outbox[seq] = Message(payload, counts, kind)
         (self.urgent if kind == "events" else self.queue).append(seq)
         self.pump()
-        return samples[0].time_ns
 
     def pump(self) -> None:
         link = self.link
@@ -523,7 +547,7 @@ class Hub:
         flags = (not on_battery, on_battery, on_battery and self.charge <= 20.0, False)
         changed, self.flags = self.flags is not None and flags != self.flags, flags
         if changed or on_battery:
-            self.add("events", [self.ups_sample()], now)
+            self.add("events", [self.ups_sample()])
 
     def ups_sample(self) -> Sample:
         rng = self.rng
@@ -554,14 +578,11 @@ class Hub:
         if self.state != "up" or not sim.generating:
             self.pump()
             return
-        if self.mains and self.flags is not None:
-            # The agent reads the UPS on its own thread and commits that sample apart from the
-            # other probes', so it leaves as its own metrics message (the wire benchmark measured
-            # 2.0 messages a cycle). On battery it went out on events at every poll instead.
-            self.add("metrics", [self.ups_sample()], now)
-        t = self.add("metrics", self.cycle_samples(with_ups=False), now)
-        if self.link is not None and self.link.ready and not self.queue:  # went out live, not queued
-            sim.maybe_canary(self.hub, t)
+        # On battery the UPS sample went out on events at every poll instead.
+        samples = self.cycle_samples(with_ups=True)
+        self.commit(samples, now)
+        if self.pack(now):  # went out live, not queued
+            sim.maybe_canary(self.hub, samples[0].time_ns, time.time_ns())
         elif self.link is not None and now - self.link.last_out > KEEPALIVE_S / 2:
             self.link.write(PINGREQ)
 
@@ -609,7 +630,7 @@ class Hub:
                 "loss_percent": 100.0, "reachable": False, "method": "icmp"}))
         if with_ups and self.mains and self.flags is not None:
             samples.append(self.ups_sample())
-        pending = sum(sum(m.counts.values()) for m in self.outbox.values())
+        pending = sum(sum(m.counts.values()) for m in self.outbox.values()) + len(self.pending)
         agent = {"outbox_samples": float(pending), "outbox_messages": float(len(self.outbox)),
                  "outbox_bytes": float(135_168 + sum(len(m.payload) for m in self.outbox.values())),
                  "mqtt_connected": self.link is not None and self.link.ready, "clock_trusted": True}
@@ -629,6 +650,7 @@ class Simulator:
         self.scenario = scenario
         self.seed = args.seed
         self.interval = args.interval
+        self.batch_max_age = args.batch_max_age
         self.host, self.port = args.broker.rsplit(":", 1)[0], int(args.broker.rsplit(":", 1)[1])
         self.generating = False
         self.draining = False
@@ -655,13 +677,14 @@ class Simulator:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    def maybe_canary(self, hub: str, t: int) -> None:
+    def maybe_canary(self, hub: str, t: int, sent_ns: int) -> None:
         self._canary_n += 1
         if self._canary_n % self.canary_every == 0:
-            emit({"canary": [hub, t]})
+            emit({"canary": [hub, t, sent_ns]})
 
     def outbox_messages(self) -> int:
-        return sum(len(h.outbox) for h in self.hubs)
+        """Messages still held, a hub's unpacked samples counting as one."""
+        return sum(len(h.outbox) + (1 if h.pending else 0) for h in self.hubs)
 
     def snapshot(self, started: float) -> dict:
         states = Counter(h.state for h in self.hubs)
@@ -744,8 +767,9 @@ class Simulator:
         while time.monotonic() - drain_started < args.drain_timeout:
             now = time.monotonic()
             for hub in self.hubs:
-                if hub.link is not None and not hub.outbox:
+                if hub.link is not None and not hub.outbox and not hub.pending:
                     continue
+                hub.pack(now, force=True)
                 if now >= hub.next_poll:
                     hub.poll(now)
                     hub.next_poll = now + UPS_POLL_S
@@ -760,7 +784,8 @@ class Simulator:
             "hubs": len(self.hubs), "generate_seconds": round(args.duration, 1),
             "generate_cpu_seconds": round(gen_cpu, 2), "drain_seconds": round(drain_seconds, 1),
             "generated": dict(self.generated), "acked": dict(self.acked),
-            "outbox_samples": sum(sum(m.counts.values()) for h in self.hubs for m in h.outbox.values()),
+            "outbox_samples": sum(sum(m.counts.values()) for h in self.hubs for m in h.outbox.values())
+            + sum(len(h.pending) for h in self.hubs),
         }})
         for hub in self.hubs:
             if hub.link is not None:
@@ -806,6 +831,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--hubs", type=int, default=14)
     parser.add_argument("--first", type=int, default=0, help="index of the first hub (several simulators)")
     parser.add_argument("--interval", type=float, default=10.0)
+    parser.add_argument("--batch-max-age", type=float, default=60.0,
+                        help="seconds the oldest sample waits before its cycles leave together (0: every cycle)")
     parser.add_argument("--duration", type=float, default=120.0, help="seconds of sampling")
     parser.add_argument("--drain-timeout", type=float, default=120.0)
     parser.add_argument("--seed", type=int, default=1)
