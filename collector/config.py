@@ -152,6 +152,7 @@ def _outages(section: Section) -> OutagesConfig:
         min_power_s=section.duration("min_power_s", d.min_power_s, minimum=0),
         agent_interval_s=section.duration("agent_interval", d.agent_interval_s, minimum=0.1),
         silence_intervals=section.float("silence_intervals", d.silence_intervals, minimum=1),
+        agent_batch_max_age_s=section.duration("agent_batch_max_age", d.agent_batch_max_age_s, minimum=0),
         low_charge_percent=section.float("low_charge_percent", d.low_charge_percent, minimum=0, maximum=100),
         gateway_hosts=section.str_list("gateway_hosts", d.gateway_hosts),
         internet_targets=section.str_list("internet_targets", d.internet_targets),

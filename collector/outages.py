@@ -40,6 +40,8 @@ class OutageParams:
     min_power_s: float = 30.0
     agent_interval_s: float = 10.0
     silence_intervals: float = 3.0
+    #: The agents' buffer.batch_max_age: their newest sample can be this much older than usual.
+    agent_batch_max_age_s: float = 60.0
     low_charge_percent: float = 20.0
     gateway_hosts: tuple[str, ...] = ("*gw*", "*gateway*")
     internet_targets: tuple[str, ...] = ("internet",)
