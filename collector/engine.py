@@ -94,15 +94,20 @@ class Poke:
     hub: str
     since_ns: int | None
     urgent: bool
+    #: only an agent saying ``online``: it matters when the hub was dark or has an alert
+    #: (every reconnect of every hub says it; most need no work)
+    online_only: bool = False
 
     def to_bytes(self) -> bytes:
-        return json.dumps({"hub": self.hub, "since_ns": self.since_ns, "urgent": self.urgent}).encode()
+        return json.dumps({"hub": self.hub, "since_ns": self.since_ns, "urgent": self.urgent,
+                           "online_only": self.online_only}).encode()
 
     @classmethod
     def from_bytes(cls, payload: bytes) -> "Poke":
         obj = json.loads(payload)
         since = obj.get("since_ns")
-        return cls(str(obj["hub"]), int(since) if since is not None else None, bool(obj.get("urgent")))
+        return cls(str(obj["hub"]), int(since) if since is not None else None, bool(obj.get("urgent")),
+                   bool(obj.get("online_only")))
 
 
 class Engine:
@@ -126,6 +131,7 @@ class Engine:
         self._last_refresh = 0.0
         self._last_sweep = 0.0
         self._was_share: tuple[int, int] | None = None
+        self._seeded = False  # ongoing outages read back from InfluxDB after a start
         self.notifiers = ([WebhookNotifier(w) for w in config.alerts.webhooks]
                           + [EmailNotifier(e) for e in config.alerts.emails])
 
@@ -165,6 +171,10 @@ class Engine:
                 except queue.Empty:
                     break
             now = time.monotonic()
+            if pokes and any(p.online_only for p in pokes):
+                alerted = {s.hub for s in self.active.values()}
+                pokes = [p for p in pokes if not p.online_only or p.hub in self._ongoing
+                         or p.hub in self._dirty or p.hub in alerted]
             for p in pokes:
                 self._watch[p.hub] = now
                 if p.hub not in self._dirty or (p.since_ns is not None and (
@@ -178,8 +188,11 @@ class Engine:
                     log.info("this instance is now the leader (outages and alerts) of the hubs in share %d of %d",
                              share[0] + 1, share[1])
                 self._was_share = share
+                self._seeded = False  # hubs may have come to this instance: read their open outages
             if share is None:
                 continue
+            if not self._seeded:
+                self._seeded = self._seed_ongoing()
             try:
                 urgent = {p.hub for p in pokes if p.urgent}
                 due = now >= next_eval
@@ -201,6 +214,19 @@ class Engine:
                 log.warning("outage/alert evaluation deferred: %s", exc)
             except Exception:
                 log.exception("outage/alert evaluation failed")
+
+    def _seed_ongoing(self) -> bool:
+        """The hubs with an outage still open in InfluxDB (from before this start): their
+        agents' ``online`` must end it."""
+        since = time.time_ns() - int(self.config.outages.window * NS)
+        try:
+            result = self._q.query(f'SELECT "duration_seconds" FROM "outage" WHERE "ongoing" = true '
+                                   f'AND time > {since} GROUP BY "hub"')[0]
+        except QueryError as exc:
+            log.warning("cannot read the ongoing outages yet: %s", exc)
+            return False
+        self._ongoing.update(tags["hub"] for tags, rows in series_rows(result) if rows and tags.get("hub"))
+        return True
 
     def _mine(self, hub: str, share: tuple[int, int] | None = None) -> bool:
         share = share or self.cluster.share()

@@ -95,6 +95,7 @@ def scenario_config(webhook: Webhook, smtp=None, secret_dir: Path | None = None,
 """
     return f"""outages:
   agent_interval: 1s
+  agent_batch_max_age: 0s
   min_power_s: 5s
   recompute_interval: 1s
 alerts:
@@ -210,6 +211,29 @@ def test_uplink_cut_is_dark_then_reclassified_after_replay(tmp_path, nut_server,
         assert abs(closed[0]["duration_seconds"] - (back_at - cut_at)) <= 4, closed
         rules = [(c["rule"], c["state"]) for _, c in webhook.calls]
         assert ("hub_offline", "firing") in rules
+    finally:
+        proxy.close()
+
+
+def test_a_collector_restarted_while_a_hub_is_dark_still_ends_its_outage(tmp_path, nut_server, mosquitto, influx,
+                                                                          webhook):
+    """The agent's ``online`` only wakes the engine for hubs with an open outage or alert; a
+    collector started while the hub was dark must still end that outage when it returns."""
+    nut = nut_server({"hubups": DUMP})
+    proxy = TcpProxy(mosquitto.host, mosquitto.port)
+    extra = scenario_config(webhook, hub_offline={"debounce": "2s"})
+    try:
+        collector = start_collector(tmp_path, mosquitto, influx, extra=extra)
+        start_agent(tmp_path, proxy.url, HUB, "gw01", probes(nut.port, mosquitto.port))
+        wait_for(lambda: rows(influx, "SELECT * FROM system LIMIT 1"), 20, "first samples")
+        proxy.cut()
+        wait_for(lambda: [o for o in outages(influx, "hub_dark") if o["ongoing"]], 20, "an ongoing hub_dark")
+        collector.stop()
+        collector = start_collector(tmp_path, mosquitto, influx, extra=extra)
+        wait_for(lambda: "is now the leader" in collector.log_path.read_text(), 15, "leadership")
+        proxy.restore()
+        wait_for(lambda: [o for o in outages(influx, "hub_dark") if not o["ongoing"]], 30, "hub_dark ended")
+        assert len(outages(influx, "hub_dark")) == 1
     finally:
         proxy.close()
 
