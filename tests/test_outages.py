@@ -3,6 +3,8 @@ derived, stored keyed by start time, recomputed idempotently, reclassified after
 
 from __future__ import annotations
 
+import time
+
 import pytest
 
 from collector.config import InfluxConfig
@@ -142,3 +144,44 @@ def test_recomputation_is_idempotent(engine, influx):
     rows_first = stored(influx)
     second = engine.recompute(HUB, T0, T0 + 60 * STEP)
     assert first == second and stored(influx) == rows_first and len(rows_first) == 4
+
+
+def test_an_outage_no_longer_derived_is_removed_and_a_kept_one_is_overwritten(engine, influx):
+    engine.put(steady(30) + [ups(T0 + i * STEP, 5 <= i < 12 or 20 <= i < 25, 90) for i in range(30)])
+    assert len(engine.recompute(HUB, T0, T0 + 30 * STEP)) == 2
+    # the UPS's readings for the first cut are corrected (rewritten at the same times): on line
+    engine.put([ups(T0 + i * STEP, False, 90) for i in range(5, 12)])
+    [left] = engine.recompute(HUB, T0, T0 + 30 * STEP)
+    assert [r["time"] for r in stored(influx, "power")] == [left.start_ns] == [T0 + 20 * STEP]
+    # the second cut ends later than first seen: the same point, its duration updated in place
+    engine.put([ups(T0 + i * STEP, True, 90) for i in range(25, 28)])
+    engine.recompute(HUB, T0, T0 + 30 * STEP)
+    [row] = stored(influx, "power")
+    assert row["time"] == T0 + 20 * STEP and row["duration_seconds"] == 80.0
+    # ...and, corrected again, still on battery at the end: open, with no end left behind
+    engine.put([ups(T0 + i * STEP, True, 90) for i in range(28, 30)])
+    engine.recompute(HUB, T0, T0 + 30 * STEP)
+    [row] = stored(influx, "power")
+    assert row["ongoing"] is True and row.get("end_seconds") is None
+
+
+@pytest.mark.parametrize("batch_age,offline", [(None, False), ("0s", True)])
+def test_silence_allows_for_the_agents_batch_age(influx, batch_age, offline):
+    """An agent batching a minute of cycles (the default) is not silent 45 s after its newest
+    sample at a 10 s interval; one sending every cycle is."""
+    from collector import config as collector_config
+    from collector.engine import Cluster, Engine
+
+    influx.create_database("hubwatch")
+    extra = f"  agent_batch_max_age: {batch_age}\n" if batch_age else ""
+    cfg = collector_config.parse(f"influxdb: {{url: '{influx.url}', database: hubwatch}}\n"
+                                 f"outages:\n  agent_interval: 10s\n{extra}", {})
+    cluster = Cluster("c1", "hubwatch", settle_s=0)
+    cluster.on_member(cluster.my_topic, b"1")
+    engine = Engine(cfg, None, cluster)
+    engine.poke = lambda poke: None  # no loop runs here
+    now = time.time_ns()
+    engine._write([system(now - 45 * NS)])
+    engine.sweep_silence(now)
+    states = [r["state"] for r in influx.rows("SELECT state FROM status", db="hubwatch")]
+    assert states == (["offline"] if offline else [])
