@@ -58,7 +58,7 @@ class OutagesConfig:
     enabled: bool = True
     params: OutageParams = OutageParams()
     window: float = 6 * 3600.0
-    recompute_interval: float = 5.0
+    recompute_interval: float = 30.0
     refresh: float = 60.0
 
 
@@ -160,7 +160,7 @@ def _outages(section: Section) -> OutagesConfig:
     config = OutagesConfig(
         enabled=section.bool("enabled", True), params=params,
         window=section.duration("window", "6h", minimum=60),
-        recompute_interval=section.duration("recompute_interval", 5.0, minimum=0.1),
+        recompute_interval=section.duration("recompute_interval", 30.0, minimum=0.1),
         refresh=section.duration("refresh", 60.0, minimum=1),
     )
     section.done()
