@@ -3,14 +3,18 @@
 One thread owns the outbox and all decisions. Probes run on worker threads (a slow one never
 holds the loop); paho's network thread only queues events. Each pass of the loop:
 
-- every ``interval``: run the probes; commit their samples, plus one ``agent`` point on the
-  outbox and delivery, in one transaction (``metrics``);
+- every ``interval``: run the probes; commit their samples, the UPS sample read for that
+  cycle, and one ``agent`` point on the outbox and delivery, in one transaction (``metrics``):
+  one cycle, one commit, one message when sent per cycle;
 - every ``ups_poll`` (default 2 s): read the UPS probes. A change of on line / on battery /
   low battery / replace battery is committed on ``events`` and sent at once, ahead of any
   backlog; while on battery every poll's UPS sample goes on ``events``. At the interval the
   UPS sample joins the other metrics (unless it just went out as an event);
-- pack pending samples into messages (only while the clock is trusted), send what the
-  window allows, apply PUBACKs and the collector's acks.
+- pack pending metrics into messages when they can be sent (connected, and the sender's
+  window has room; only while the clock is trusted); otherwise only full batches
+  (``batch_max_samples`` / ``batch_max_bytes``), so a backlog built during an outage leaves in
+  full batches and stays compact on disk; send what the window allows; apply PUBACKs, and
+  the collector's acks waiting together in one outbox transaction.
 
 SIGTERM: pack what is left, send for up to ``publish.flush_timeout`` seconds, publish the
 retained ``stopped`` status, close the outbox. Nothing committed is lost either way: what
@@ -33,7 +37,7 @@ from agent.clock import Clock, ClockGuard, Reading, SystemClock
 from agent.config import AgentConfig
 from agent.outbox import PACK_MESSAGES_PER_CALL, Outbox, OutboxError, is_corruption
 from agent.probes import ProbeContext
-from agent.publisher import Backoff, MqttSession, Sender
+from agent.publisher import AckReceived, Backoff, MqttSession, Sender
 from agent.runner import ProbeRunner
 from agent.wire import Sample
 
@@ -115,6 +119,11 @@ class Agent:
         self._reading: Reading | None = None
         self._pack_wanted = True
         self._cycle_due_for_ups = False
+        # A cycle is committed once both its parts are in: the other probes' samples (held
+        # here when they finish first) and the UPS read started with it.
+        self._cycle_held: list[Sample] | None = None
+        self._cycle_ups: list[Sample] = []
+        self._ups_outstanding = False
         self._heartbeat = sdnotify.Heartbeat()
 
     # --- control --------------------------------------------------------------------------
@@ -143,11 +152,16 @@ class Agent:
                 now = time.monotonic()
                 if now >= next_cycle:
                     if self.cycle is None or not self.cycle.busy:
+                        if self._cycle_held is not None:  # its UPS read never came: wait no longer
+                            self._guarded(self._commit_cycle)
                         if self.cycle is not None:
                             self.cycle.start()
+                        else:
+                            self._cycle_held = []
                         self._cycle_due_for_ups = True
-                        if self.cycle is None:
-                            self._guarded(self._record_cycle, [])
+                        self._ups_outstanding = self.ups is not None
+                        if not self._ups_outstanding and self.cycle is None:
+                            self._guarded(self._commit_cycle)
                         next_poll = now
                     next_cycle = max(next_cycle + self.config.interval, now + self.config.interval / 2)
                 if self.ups is not None and now >= next_poll and not self.ups.busy:
@@ -172,11 +186,19 @@ class Agent:
         return self._reading
 
     def _record_cycle(self, samples: list[Sample]) -> None:
+        self._cycle_held = list(samples)
+        if not self._ups_outstanding:
+            self._commit_cycle()
+
+    def _commit_cycle(self) -> None:
+        """Commit the cycle's samples, its UPS read and the ``agent`` point in one transaction."""
+        samples = (self._cycle_held or []) + self._cycle_ups
+        self._cycle_held, self._cycle_ups = None, []
         reading = self._read_clock()
         errors = sum(1 for s in samples if s.measurement == "agent" and "probe" in s.tags)
         if errors:
             self.outbox.count("probe_errors_total", errors)
-        self._add(list(samples) + [self._agent_sample(reading)], reading, "metrics")
+        self._add(samples + [self._agent_sample(reading)], reading, "metrics")
         self._pack_wanted = True
 
     def _record_ups(self, samples: list[Sample], for_cycle: bool) -> None:
@@ -197,18 +219,16 @@ class Agent:
                 events.append(sample)
             elif for_cycle:
                 metrics.append(sample)
-        reading = self._read_clock()
         if events:
+            reading = self._read_clock()
             self._add(events, reading, "events")
-            made = self.outbox.pack(reading, seen_synced=self.guard.seen_synced)
-            self.sender.add_priority([seq for seq, kind in made if kind == "events"])
+            self._pack(reading)
             self.sender.pump()
-        if metrics:
-            errors = sum(1 for s in metrics if s.measurement == "agent")
-            if errors:
-                self.outbox.count("probe_errors_total", errors)
-            self._add(metrics, reading, "metrics")
-        self._pack_wanted = True
+        if for_cycle:
+            self._cycle_ups += metrics
+            self._ups_outstanding = False
+            if self._cycle_held is not None:
+                self._commit_cycle()
 
     def _add(self, samples: list[Sample], reading: Reading, kind: str) -> int:
         """Commit samples; a write the disk refuses (full, read-only) drops them, counted."""
@@ -241,13 +261,19 @@ class Agent:
         fields.update(stats.counters)
         return Sample("agent", reading.wall_ns, {"hub": self.config.hub, "host": self.config.host}, fields)
 
+    def _pack(self, reading: Reading, force: bool = False) -> list[tuple[int, str]]:
+        """Pack events always, metrics when the sender can take them; while it cannot (link down,
+        window full) only full batches, so an outage's backlog leaves in full batches, not per cycle."""
+        made = self.outbox.pack(reading, force=force, seen_synced=self.guard.seen_synced,
+                                metrics=self.sender.has_room)
+        self.sender.add_priority([seq for seq, kind in made if kind == "events"])
+        return made
+
     def _pack_and_send(self) -> bool:
         """Pack and send; True when there is more to do at once (a big backlog being packed)."""
         more = False
         if self._pack_wanted:
-            reading = self._read_clock()
-            made = self.outbox.pack(reading, seen_synced=self.guard.seen_synced)
-            self.sender.add_priority([seq for seq, kind in made if kind == "events"])
+            made = self._pack(self._read_clock())
             more = len(made) >= PACK_MESSAGES_PER_CALL
             # Held (clock untrusted) or not yet due: look again at the next pass of the loop.
             self._pack_wanted = more or self.outbox.has_pending()
@@ -259,16 +285,21 @@ class Agent:
             event = self.events.get(timeout=timeout)
         except queue.Empty:
             return
+        acks: list[AckReceived] = []
         while True:
-            if not isinstance(event, _Wake):
-                self._guarded(self._handle, event)
+            if isinstance(event, AckReceived):
+                acks.append(event)  # applied together below, after the PUBACKs that came with them
+            elif not isinstance(event, _Wake):
+                self._guarded(self.sender.handle, event)
             try:
                 event = self.events.get_nowait()
             except queue.Empty:
-                return
+                break
+        if acks:
+            self._guarded(self._apply_acks, acks)
 
-    def _handle(self, event: Any) -> None:
-        acked = self.sender.handle(event)
+    def _apply_acks(self, acks: list[AckReceived]) -> None:
+        acked = self.sender.handle_acks(acks)
         if acked:
             log.debug("collector confirmed seqs %d..%d (%d messages)", min(acked), max(acked), len(acked))
 
@@ -293,10 +324,12 @@ class Agent:
         sdnotify.stopping("sending what is left, then stopping")
         log.info("stopping: sending what is left for up to %gs", self.config.publish.flush_timeout)
         try:
+            if self._cycle_held is not None or self._cycle_ups:
+                self._commit_cycle()
             reading = self._read_clock()
             deadline = time.monotonic() + self.config.publish.flush_timeout
             while True:
-                made = self.outbox.pack(reading, force=True, seen_synced=self.guard.seen_synced)
+                made = self._pack(reading, force=True)
                 if len(made) < PACK_MESSAGES_PER_CALL or time.monotonic() > deadline:
                     break
             while self.session.connected and time.monotonic() < deadline:

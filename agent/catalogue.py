@@ -137,7 +137,7 @@ MEASUREMENTS: Mapping[str, MeasurementSpec] = MappingProxyType({m.name: m for m 
     _measurement("status", "An agent's connection state, from its retained status topic", (), [
         ("state", "str", "", "online, offline (Last Will) or stopped (clean stop)"),
         ("online", "bool", "", "state is online"),
-        ("reason", "str", "", "Why the collector set it: 'silent' (no samples for 3 intervals), 'sending'"),
+        ("reason", "str", "", "Why the collector set it: 'silent' (no samples for 3 intervals plus the agents' batch age), 'sending'"),
     ]),
     _measurement("hubwatch_collector", "A collector instance's own health, every stats interval", ("instance",), [
         ("received_total", "int", "messages", "MQTT messages received"),

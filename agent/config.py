@@ -45,7 +45,7 @@ class BufferConfig:
     max_mb: float = 256.0
     batch_max_samples: int = 1000     # a message carries at most this many samples...
     batch_max_bytes: int = 256 * 1024  # ...and this much JSON before compression
-    batch_max_age: float = 0.0        # 0: a message every cycle; more batches cycles (fewer bytes)
+    batch_max_age: float = 60.0       # cycles wait up to this long to share a message (0: one per cycle)
     resend_after: float = 60.0        # sent but not confirmed by the collector: send again (doubling)
 
 

@@ -557,20 +557,27 @@ class Outbox:
             log.warning("outbox at its cap of %.1f MB: dropped the %d oldest samples", self.max_bytes / 2**20, dropped)
         return dropped
 
-    def pack(self, reading: Reading, force: bool = False, seen_synced: bool | None = None) -> list[tuple[int, str]]:
+    def pack(self, reading: Reading, force: bool = False, seen_synced: bool | None = None,
+             metrics: bool = True) -> list[tuple[int, str]]:
         """Turn pending samples into messages: ``[(seq, kind), ...]`` made by this call.
 
         Events are packed at once; metrics when a batch is full (count or bytes), when the
-        oldest has waited ``batch_max_age``, or with ``force``. Nothing is packed while the
-        clock is untrusted (a message's times must be right); afterwards held samples get
-        their time corrected. At most PACK_MESSAGES_PER_CALL messages per call: call again
-        while it returns a full list.
+        oldest has waited ``batch_max_age``, or with ``force``. With ``metrics`` False (they
+        could not be sent now) only full batches are packed: the rest waits as pending rows, so
+        an outage's backlog leaves in full batches, and stays compact (compressed) on disk.
+        Nothing is packed while the clock is untrusted (a message's times must be right);
+        afterwards held samples get their time corrected. At most PACK_MESSAGES_PER_CALL
+        messages per call: call again while it returns a full list.
         """
         if not reading.trusted:
             return []
         conn = self._conn
         has_events = conn.execute("SELECT 1 FROM pending WHERE kind = 'events' LIMIT 1").fetchone() is not None
-        if not has_events and not (force and self.has_pending()) and not self._metrics_due(reading):
+        if metrics:
+            metrics_due = (force and self.has_pending()) or self._metrics_due(reading)
+        else:
+            metrics_due = self._metrics_oldest() is not None and self._metrics_full()
+        if not has_events and not metrics_due:
             return []  # nothing to do: no transaction, no disk write
         made: list[tuple[int, str]] = []
         with self._txn() as conn:
@@ -578,7 +585,7 @@ class Outbox:
             boots = {b: (off, floor) for b, off, floor in conn.execute("SELECT boot_id, offset_ns, floor_ns FROM boots")}
             next_seq = self._meta("next_seq", 1)
             for kind in KINDS:
-                if kind == "metrics" and not force and not self._metrics_due(reading):
+                if kind == "metrics" and not metrics_due:
                     continue
                 budget = PACK_MESSAGES_PER_CALL - len(made)
                 if budget <= 0:
@@ -589,6 +596,8 @@ class Outbox:
                 if not rows:
                     continue
                 batches, unplaceable = self._batches(rows, reading, boots)
+                if kind == "metrics" and not metrics and batches and len(batches[-1]) < self.batch_max_samples:
+                    batches.pop()  # not full (every batch before it is): it waits for more, or for the link
                 batches = batches[:budget]
                 used_ids = [(r[0],) for batch in batches for r, _ in batch]
                 for batch in batches:
@@ -611,19 +620,25 @@ class Outbox:
             self._enforce_cap()
         return made
 
+    def _metrics_oldest(self) -> tuple | None:
+        return self._conn.execute("SELECT boot_id, boottime_ns, wall_ns FROM pending WHERE kind = 'metrics' "
+                                  "ORDER BY id LIMIT 1").fetchone()
+
     def _metrics_due(self, reading: Reading) -> bool:
-        conn = self._conn
-        oldest = conn.execute("SELECT boot_id, boottime_ns, wall_ns FROM pending WHERE kind = 'metrics' "
-                              "ORDER BY id LIMIT 1").fetchone()
+        oldest = self._metrics_oldest()
         if oldest is None:
             return False
         if self.batch_max_age_ns <= 0:
             return True
         if oldest[0] != reading.boot_id or reading.boottime_ns - oldest[1] >= self.batch_max_age_ns:
             return True
-        n, size = conn.execute("SELECT count(*), coalesce(sum(length(body)), 0) FROM pending "
-                               "WHERE kind = 'metrics'").fetchone()
-        return n >= self.batch_max_samples or size + 32 * n >= self.batch_max_bytes
+        return self._metrics_full()
+
+    def _metrics_full(self) -> bool:
+        """Pending metrics fill at least one batch (count or bytes)."""
+        n, size = self._conn.execute("SELECT count(*), coalesce(sum(length(body)), 0) FROM pending "
+                                     "WHERE kind = 'metrics'").fetchone()
+        return n >= self.batch_max_samples or size + 32 * n > self.batch_max_bytes
 
     def _batches(self, rows, reading: Reading, boots) -> tuple[list[list[tuple]], list[int]]:
         """Rows with their true times, cut into batches bounded by count and bytes."""
@@ -675,6 +690,11 @@ class Outbox:
         rows = self._conn.execute("SELECT seq, kind, payload, samples FROM messages WHERE seq > ? "
                                   "ORDER BY seq LIMIT ?", (seq, limit)).fetchall()
         return [Message(r[0], r[1], bytes(r[2]), r[3]) for r in rows]
+
+    def unsent_after(self, seq: int, limit: int) -> int:
+        """How many messages (at most ``limit``) have a seq above ``seq``."""
+        return self._conn.execute("SELECT count(*) FROM (SELECT 1 FROM messages WHERE seq > ? LIMIT ?)",
+                                  (seq, limit)).fetchone()[0]
 
     def message(self, seq: int) -> Message | None:
         r = self._conn.execute("SELECT seq, kind, payload, samples FROM messages WHERE seq = ?", (seq,)).fetchone()

@@ -294,16 +294,7 @@ class Sender:
             self.awaiting_ack[seq] = _Sent(self.clock() + wait, attempts)
             return []
         if isinstance(event, AckReceived):
-            try:
-                ranges = wire.decode_ack(event.payload)
-            except wire.WireError as exc:
-                log.warning("ignoring a malformed ack on %s: %s", self.session.topics["ack"], exc)
-                return []
-            acked = self.outbox.ack(ranges)
-            for seq in acked:
-                self.awaiting_ack.pop(seq, None)
-                self.retry.pop(seq, None)
-            return acked
+            return self.handle_acks([event])
         if isinstance(event, Connected):
             # paho sends again what was in flight on the old connection (same mids): their
             # PUBACKs are due from now, not from when they were first sent.
@@ -311,6 +302,23 @@ class Sender:
             self.in_flight = {mid: (seq, now, kind) for mid, (seq, _, kind) in self.in_flight.items()}
             return []
         return []
+
+    def handle_acks(self, events: list[AckReceived]) -> list[int]:
+        """Apply the collector's acks that arrived together in one outbox transaction (one
+        fsync, not one per ack: a draining backlog gets an ack per message)."""
+        ranges: list[tuple[int, int]] = []
+        for event in events:
+            try:
+                ranges += wire.decode_ack(event.payload)
+            except wire.WireError as exc:
+                log.warning("ignoring a malformed ack on %s: %s", self.session.topics["ack"], exc)
+        if not ranges:
+            return []
+        acked = self.outbox.ack(wire.merge_ranges(ranges))
+        for seq in acked:
+            self.awaiting_ack.pop(seq, None)
+            self.retry.pop(seq, None)
+        return acked
 
     def _log_refusal(self, kind: str, text: str) -> None:
         # One line a minute per topic: clear, without flooding the log during a long refusal.
@@ -405,6 +413,14 @@ class Sender:
                 del self.in_flight[mid]
                 self.flying_seqs.discard(seq)
                 self.retry[seq] = _Sent(now, 1)
+
+    @property
+    def has_room(self) -> bool:
+        """Connected, with a free slot in the window, the collector keeping up and fewer than
+        a window of packed messages still unsent: only then is packing more metrics useful."""
+        return (self.session.connected and len(self.in_flight) < self.window
+                and len(self.awaiting_ack) < self.max_unconfirmed
+                and self.outbox.unsent_after(self.cursor, self.window) < self.window)
 
     @property
     def idle(self) -> bool:

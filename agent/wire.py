@@ -9,6 +9,14 @@ Topics::
 
 Payload: a JSON envelope, or the same JSON compressed with zlib. A reader tells them
 apart by the first byte: ``{`` is plain JSON (a zlib stream never starts with it).
+
+The agent compresses with a preset dictionary (RFC 1950 ``FDICT``: the header's flag bit
+0x20, then the dictionary's adler32 in four bytes), ``agent.wire_dict.DICTIONARY``: envelope
+JSON with every catalogue name, so the names of even a one-cycle message cost back-references
+instead of literals (measured on the default probes: a one-cycle message 741 -> 401 bytes, a
+60 s batch 1,947 -> 1,547). A reader picks the dictionary by that id from
+``agent.wire_dict.DICTIONARIES`` and still reads streams without one; an unknown id is a
+WireError ``zlib`` that says so.
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ import zlib
 from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Mapping, Union
+
+from agent.wire_dict import DICTIONARIES, DICTIONARY
 
 WIRE_VERSION = 1
 TOPIC_VERSION = "v1"
@@ -177,14 +187,26 @@ def encode(envelope: Envelope, compress: bool | None = None) -> bytes:
                        allow_nan=False).encode()
     if compress is False:
         return plain
-    packed = zlib.compress(plain, 6)
+    deflater = zlib.compressobj(6, zlib.DEFLATED, zlib.MAX_WBITS, 8, zlib.Z_DEFAULT_STRATEGY, zdict=DICTIONARY)
+    packed = deflater.compress(plain) + deflater.flush()
     if compress or len(packed) < len(plain):
         return packed
     return plain
 
 
 def _inflate(payload: bytes) -> bytes:
-    inflater = zlib.decompressobj()
+    if len(payload) >= 2 and payload[1] & 0x20:  # FDICT: a preset dictionary, named by its adler32
+        if len(payload) < 6:
+            raise WireError("zlib", "zlib stream is truncated")
+        dict_id = int.from_bytes(payload[2:6], "big")
+        zdict = DICTIONARIES.get(dict_id)
+        if zdict is None:
+            raise WireError("zlib", f"payload was compressed with an unknown preset dictionary (adler32 "
+                                    f"{dict_id:#010x}); this reader knows "
+                                    f"{', '.join(f'{k:#010x}' for k in DICTIONARIES)} (upgrade hubwatch here?)")
+        inflater = zlib.decompressobj(zdict=zdict)
+    else:
+        inflater = zlib.decompressobj()
     try:
         out = inflater.decompress(payload, MAX_DECOMPRESSED_BYTES + 1)
     except zlib.error as exc:
@@ -263,6 +285,17 @@ def seq_ranges(seqs: "list[int] | set[int]") -> list[list[int]]:
         else:
             ranges.append([seq, seq])
     return ranges
+
+
+def merge_ranges(ranges: "list[tuple[int, int]]") -> list[tuple[int, int]]:
+    """Inclusive ``(first, last)`` ranges, sorted, with overlapping and adjacent ones joined."""
+    merged: list[tuple[int, int]] = []
+    for first, last in sorted(ranges):
+        if merged and first <= merged[-1][1] + 1:
+            merged[-1] = (merged[-1][0], max(merged[-1][1], last))
+        else:
+            merged.append((first, last))
+    return merged
 
 
 def encode_ack(seqs: "list[int] | set[int]") -> bytes:

@@ -62,10 +62,12 @@ def two_interfaces() -> list[str]:
 
 
 def agent_yaml(path: Path, *, hub: str, host: str, interval: float, broker_port: int, nut_port: int,
-               extra: str = "", batch_max_age: float = 0.0) -> Path:
-    """The default probes, otherwise the agent's defaults (config/agent.example.yaml)."""
+               extra: str = "", batch_max_age: float | None = None) -> Path:
+    """The default probes, otherwise the agent's defaults (config/agent.example.yaml);
+    ``batch_max_age`` None keeps the agent's default."""
     ifaces = ", ".join(two_interfaces())
     targets = ", ".join(f"{k}: {v}" for k, v in PING_TARGETS.items())
+    batching = "" if batch_max_age is None else f"  batch_max_age: {batch_max_age:g}s\n"
     path.write_text(f"""hub: {hub}
 host: {host}
 interval: {interval:g}s
@@ -73,8 +75,7 @@ mqtt:
   url: mqtt://127.0.0.1:{broker_port}
 buffer:
   path: {path.parent / (host + '.outbox.db')}
-  batch_max_age: {batch_max_age:g}s
-{extra}probes:
+{batching}{extra}probes:
   system: {{}}
   network: {{interfaces: [{ifaces}]}}
   ping: {{targets: {{{targets}}}}}
@@ -356,7 +357,7 @@ def report(watched: list[Watched], intervals: dict[float, int], elapsed: float, 
         "target per cycle, TCP connect since ICMP echo sockets are not allowed for this user by "
         "`net.ipv4.ping_group_range`; collectd's ping plugin uses raw ICMP sockets, which need root or "
         "CAP_NET_RAW — it ran as root here — and was set to 3 echoes per target per interval), nut. "
-        "hubwatch-agent: default settings otherwise (ups_poll 2 s, one message per cycle, SQLite outbox "
+        "hubwatch-agent: default settings otherwise (ups_poll 2 s, cycles batched for up to 60 s, SQLite outbox "
         "with synchronous=FULL), acknowledged by a stand-in collector. collectd: cpu (one `active` %), "
         "memory (%), interface, uptime, load, df (/), ping, nut, mqtt (QoS 1). node-exporter: cpu, meminfo, "
         "netdev, loadavg, stat, filesystem; no ping, UPS or MQTT (it does less). RSS steady = median VmRSS "

@@ -4,18 +4,19 @@ same samples sent as one line-protocol message per sample (Telegraf's MQTT outpu
 
 Real programs, side by side on one mosquitto and one upsd (dummy-ups):
 
-- **hubwatch-agent**, default settings (one message per cycle, zlib when smaller), and a
-  second one with ``buffer.batch_max_age`` set to 6 cycles (60 s at a 10 s interval);
-  a stand-in collector acknowledges every message, and those acks (collector → hub, on the
-  same metered link) are counted too;
+- **hubwatch-agent**, default settings (``buffer.batch_max_age`` 60 s: 6 cycles at a 10 s
+  interval share a message; zlib with the wire's preset dictionary when smaller), and a second
+  one with ``batch_max_age: 0`` (one message per cycle), for comparison; a stand-in collector
+  acknowledges every message, and those acks (collector → hub, on the same metered link) are
+  counted too;
 - **collectd** with the same probes' plugins and its mqtt write plugin (QoS 1);
 - **line protocol, one message per sample**: computed from the very samples hubwatch sent,
   with ``collector.lineproto.format_line`` (plus Telegraf's trailing newline), on Telegraf's
   topic ``telegraf/{host}/{measurement}``.
 
 The size of a cycle's output does not depend on the interval, so the programs run at a
-shorter interval (default 1 s, batch age scaled with it) and the bytes per cycle are scaled
-to 8,640 cycles a day (10 s).
+shorter interval (default 1 s, the batch age scaled with it: 6 cycles) and the bytes per cycle
+are scaled to 8,640 cycles a day (10 s).
 
     python bench/wire_bytes.py [--interval 1] [--cycles 60]
 """
@@ -41,7 +42,7 @@ from tests.services.nut import NutServers  # noqa: E402
 from tests.standin_collector import StandInCollector  # noqa: E402
 
 CYCLES_PER_DAY = 86400 // 10
-BATCH_CYCLES = 6  # buffer.batch_max_age: 60s at a 10 s interval
+BATCH_CYCLES = 6  # the default buffer.batch_max_age (60 s) at a 10 s interval
 HUB = "gilgit-sco-01"
 TARGET_DAY_MB = 2.0
 TARGET_SHARE = 0.25
@@ -91,10 +92,10 @@ def main(argv=None) -> str:
             nut = start_nut(servers)
             collector = StandInCollector(broker, client_id="bench-standin")
             tap = Subscriber(broker, "#", client_id="bench-tap")
-            progress(f"hubwatch-agent ×2 (per cycle, batched {BATCH_CYCLES} cycles) and collectd "
+            progress(f"hubwatch-agent ×2 (default: {BATCH_CYCLES} cycles a message; per cycle) and collectd "
                      f"at {args.interval:g} s for {args.cycles} cycles")
             batch_age = BATCH_CYCLES * args.interval
-            for host, age in (("gw01", 0.0), ("gw02", batch_age)):
+            for host, age in (("gw01", batch_age), ("gw02", 0.0)):
                 config = agent_yaml(work / f"agent-{host}.yaml", hub=HUB, host=host, interval=args.interval,
                                     broker_port=broker.port, nut_port=nut.port, batch_max_age=age)
                 procs.append(start_agent(work, f"agent-{host}", config))
@@ -130,7 +131,7 @@ def main(argv=None) -> str:
                 tallies["collectd"].cycles += 1
             continue
         parts = wire.parse_topic("hubwatch", message.topic)
-        name = {"gw01": "hubwatch", "gw02": "hubwatch-batched"}.get(parts.host)
+        name = {"gw01": "hubwatch", "gw02": "hubwatch-per-cycle"}.get(parts.host)
         if name is None:
             continue
         if parts.kind == "ack":
@@ -139,42 +140,18 @@ def main(argv=None) -> str:
             envelope = wire.decode(payload)
             tallies[name].add(topic, len(payload), v5=True)
             tallies[name].cycles += sum(1 for s in envelope.samples if s.measurement == "system")
-            if name == "hubwatch":
+            if name == "hubwatch-per-cycle":
                 samples_sent += envelope.samples
     lp = tallies["lineproto"]
     for s in samples_sent:
         lp.add(f"telegraf/{s.tags.get('host', 'gw01')}/{s.measurement}".encode(),
                len(format_line(s.measurement, s.tags, s.fields, s.time_ns).encode()) + 1, v5=False)
-    lp.cycles = tallies["hubwatch"].cycles
-    what_if(tallies, samples_sent)
-    for name in ("hubwatch", "hubwatch-batched"):
+    lp.cycles = tallies["hubwatch-per-cycle"].cycles
+    for name in ("hubwatch", "hubwatch-per-cycle"):
         tallies[f"{name}-acks"].cycles = tallies[name].cycles
     text = report(tallies, args, len(samples_sent))
     print(text)
     return text
-
-
-def what_if(tallies: dict[str, Tally], samples: list[wire.Sample]) -> None:
-    """Computed, not sent: the default cycle's samples in one message (today the UPS sample,
-    read on its own thread, leaves in a message of its own), with and without the hub and host
-    tags that the topic already carries."""
-    systems = sorted(s.time_ns for s in samples if s.measurement == "system")
-    if not systems:
-        return
-    cycles: dict[int, list[wire.Sample]] = defaultdict(list)
-    for s in samples:
-        cycles[min(systems, key=lambda t: abs(t - s.time_ns))].append(s)
-    topic = wire.topic("hubwatch", HUB, "gw01", "metrics").encode()
-    for name, strip in (("one-message", False), ("one-message-untagged", True)):
-        tally = tallies[name]
-        for seq, group in enumerate(cycles.values(), 1):
-            if strip:
-                group = [wire.Sample(s.measurement, s.time_ns, {k: v for k, v in s.tags.items()
-                                                                 if k not in ("hub", "host")}, s.fields)
-                         for s in group]
-            payload = wire.encode(wire.Envelope(HUB, "gw01", seq, time.time(), tuple(group)))
-            tally.add(topic, len(payload), v5=True)
-            tally.cycles += 1
 
 
 def report(t: dict[str, Tally], args, samples: int) -> str:
@@ -185,17 +162,15 @@ def report(t: dict[str, Tally], args, samples: int) -> str:
              "line protocol, one message per sample (Telegraf's default)": t["lineproto"]}
     smaller = min(p.per_day("bytes") for p in peers.values())
     rows = []
-    for label, tally in [("**hubwatch**, one message per cycle (default)", t["hubwatch"]),
-                         (f"**hubwatch**, batch_max_age = {BATCH_CYCLES} cycles (60 s)", t["hubwatch-batched"]),
-                         ("what-if, computed: the cycle's samples in one message", t["one-message"]),
-                         ("what-if, computed: … and without per-sample hub/host tags", t["one-message-untagged"]),
+    for label, tally in [(f"**hubwatch**, default (batch_max_age 60 s = {BATCH_CYCLES} cycles)", t["hubwatch"]),
+                         ("hubwatch, one message per cycle (batch_max_age 0)", t["hubwatch-per-cycle"]),
                          *peers.items()]:
         per_day = tally.per_day("bytes")
         rows.append([label, f"{tally.messages / tally.cycles * CYCLES_PER_DAY:,.0f}",
                      f"{tally.bytes / tally.cycles:,.0f}", mb(per_day), f"{per_day / smaller:.2f}",
                      mb(tally.per_day("framed"))])
-    for name, label in (("hubwatch-acks", "hubwatch acks to the hub (per cycle)"),
-                        ("hubwatch-batched-acks", "hubwatch acks to the hub (batched)")):
+    for name, label in (("hubwatch-acks", "hubwatch acks to the hub (default)"),
+                        ("hubwatch-per-cycle-acks", "hubwatch acks to the hub (per cycle)")):
         tally = t[name]
         rows.append([label, f"{tally.messages / tally.cycles * CYCLES_PER_DAY:,.0f}",
                      f"{tally.bytes / tally.cycles:,.0f}", mb(tally.per_day("bytes")), "–",
@@ -206,15 +181,15 @@ def report(t: dict[str, Tally], args, samples: int) -> str:
               f"({len(PING_TARGETS)} targets), nut (dummy-ups serving a real APC Back-UPS RS 800 dump); every "
               f"program ran at {args.interval:g} s for {args.cycles} cycles side by side and the bytes per cycle "
               f"are scaled to {CYCLES_PER_DAY:,} cycles a day (10 s). hubwatch cycles carried "
-              f"{samples / max(1, t['hubwatch'].cycles):.0f} samples each (its own `agent` point included). "
+              f"{samples / max(1, t['hubwatch-per-cycle'].cycles):.0f} samples each (its own `agent` point included). "
               "Line protocol: the same samples with their hub and host tags, ns timestamps, topic "
               "`telegraf/{host}/{measurement}`. \"÷ smaller peer\": against the smaller of collectd and "
               "line protocol. Framing: MQTT fixed header, topic length, packet id (and MQTT 5's properties "
               "length for hubwatch) and the 4-byte PUBACK; TCP/IP headers not counted. "
-              f"hubwatch's default sent {t['hubwatch'].messages / max(1, t['hubwatch'].cycles):.1f} messages per "
-              "cycle: the UPS sample (read on its own thread every ups_poll) is committed and packed apart from "
-              "the other probes' samples. The what-if rows re-encode the samples hubwatch sent with "
-              "`agent.wire.encode`, grouped by cycle: they are not measured traffic.")
+              f"Messages per cycle: {t['hubwatch'].messages / max(1, t['hubwatch'].cycles):.2f} by default, "
+              f"{t['hubwatch-per-cycle'].messages / max(1, t['hubwatch-per-cycle'].cycles):.2f} with "
+              "batch_max_age 0 (a cycle's UPS read travels with its other samples). Payloads are zlib with the "
+              "wire's preset dictionary (agent/wire_dict.py) when that is smaller.")
     def verdict(name: str, label: str) -> str:
         per_day = t[name].per_day("bytes")
         share = per_day / smaller
@@ -222,8 +197,8 @@ def report(t: dict[str, Tally], args, samples: int) -> str:
         return (f"{label}: {per_day / 1e6:.2f} MB/day, {100 * share:.0f}% of the smaller peer — "
                 f"{'met' if ok else 'NOT met'}")
     verdicts = (f"**Verdict (target ≤ {TARGET_DAY_MB:g} MB per hub per day and ≤ {100 * TARGET_SHARE:.0f}% of the "
-                f"smaller peer):** {verdict('hubwatch', 'default')}; "
-                f"{verdict('hubwatch-batched', 'batch_max_age 60 s')}. The acks the collector sends back "
+                f"smaller peer):** {verdict('hubwatch', 'default (batch_max_age 60 s)')}. For comparison, "
+                f"{verdict('hubwatch-per-cycle', 'one message per cycle')}. The acks the collector sends back "
                 "to the hub are not in the target's figure; they are listed above.")
     return config + "\n\n" + table(headers, rows) + "\n\n" + verdicts
 

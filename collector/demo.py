@@ -386,6 +386,7 @@ dead_letter:
   path: {path.parent / 'deadletter.jsonl'}
 outages:
   agent_interval: 1s          # the agents' interval: 3 s of silence is a dark hub
+  agent_batch_max_age: 0s     # the demo's agents send every cycle
   min_power_s: 5s             # shorter on battery is a blip
   recompute_interval: 1s
 alerts:
@@ -416,6 +417,7 @@ mqtt:
 buffer:
   path: {path.parent / 'outbox.db'}
   resend_after: 5s
+  batch_max_age: 0s           # a message every cycle: the demo is short
 publish:
   flush_timeout: 1s
 clock:

@@ -21,7 +21,9 @@ def collector_command(config: Path) -> list[str]:
 
 def write_collector_config(path: Path, broker, influx, *, database: str = "hubwatch", instance: str = "c1",
                            api: str = "v1", influx_url: str | None = None, username: str | None = None,
-                           password: str | None = None, extra: str = "") -> Path:
+                           password: str | None = None, extra: str = "", mqtt: str = "", ingest: str = "") -> Path:
+    """A collector config for these services; ``mqtt`` and ``ingest``: more ``key: value``
+    lines for those sections, ``extra``: more top-level YAML."""
     credentials = ""
     if username:
         secret = path.parent / f"{instance}.mqtt.password"
@@ -44,15 +46,19 @@ def write_collector_config(path: Path, broker, influx, *, database: str = "hubwa
 mqtt:
   url: {broker.url}
   share_group: collectors{credentials}
-{influx_block}
+{_indented(mqtt)}{influx_block}
 ingest:
   batch_max_delay: 0.2s
   stats_interval: 1s
   max_retry_delay: 2s
-dead_letter:
+{_indented(ingest)}dead_letter:
   path: {path.parent / (instance + '.deadletter.jsonl')}
 {extra}""")
     return path
+
+
+def _indented(lines: str) -> str:
+    return "".join(f"  {line}\n" for line in lines.splitlines())
 
 
 def start_collector(tmp_path: Path, broker, influx, **kw) -> ServiceProcess:
@@ -114,6 +120,7 @@ mqtt:
 buffer:
   path: {path.parent / (hub + '-' + host + '.outbox.db')}
   resend_after: 5s
+  batch_max_age: 0s
 clock:
   require_sync: false
 probes:

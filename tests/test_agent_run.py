@@ -41,7 +41,7 @@ def agent_command() -> list[str]:
 
 
 def write_config(tmp_path: Path, broker_url: str, *, interval: str = "0.1s", probes: str | None = None,
-                 extra: str = "", keepalive: str = "5s") -> Path:
+                 extra: str = "", keepalive: str = "5s", batch_max_age: str = "0s") -> Path:
     probes = probes or "  network: {interfaces: [\"*\"]}\n"
     path = tmp_path / "agent.yaml"
     path.write_text(f"""hub: {HUB}
@@ -55,6 +55,7 @@ mqtt:
 buffer:
   path: {tmp_path / 'outbox.db'}
   resend_after: 5s
+  batch_max_age: {batch_max_age}
 probes:
 {probes}{extra}""")
     agent_config.load(path)  # the test's own config must be valid
@@ -125,6 +126,9 @@ def test_broker_down_with_kills_then_up_everything_arrives_once(tmp_path, mosqui
         time.sleep(0.5)
         held = read_stats(db)
         assert held.samples > 20 and held.last_acked_seq is None
+        # Nothing could be sent, so nothing was packed: the backlog leaves in full batches.
+        assert held.messages == 0 and held.pending == held.samples
+        down_until = time.time_ns()
         broker.start()
         agent.wait_log(r"connected to mqtt://")
         assert collector.wait_for(lambda c: len(c.samples) >= held.samples, 15)
@@ -133,7 +137,9 @@ def test_broker_down_with_kills_then_up_everything_arrives_once(tmp_path, mosqui
         assert agent.terminate() == 0
         total = assert_all_delivered(collector, db)
         samples = list(collector.by_key.values())
+        backlog_messages = [e for _, e in collector.messages if min(s.time_ns for s in e.samples) < down_until]
     assert total >= held.samples
+    assert len(backlog_messages) <= 2, [len(e.samples) for e in backlog_messages]
     emitted(samples)  # every field the agent sent agrees with the catalogue
     stats = [s for s in samples if s.measurement == "agent" and "probe" not in s.tags]
     assert any(s.fields["mqtt_connected"] is False for s in stats)
@@ -306,6 +312,46 @@ def test_a_power_event_goes_out_at_once_not_at_the_next_interval(tmp_path, mosqu
         assert agent.terminate() == 0
         with collector.lock:
             emitted([s for _, e in collector.messages for s in e.samples])
+
+
+def test_the_ups_sample_travels_with_its_cycle_in_one_message(tmp_path, mosquitto, nut_server):
+    ups = nut_server({"hubups": {"ups.status": "OL", "battery.charge": "100", "ups.load": "12"}})
+    probes = f"  nut: [{{name: hubups, host: 127.0.0.1, port: {ups.port}}}]\n  network: {{interfaces: [lo]}}\n"
+    config = write_config(tmp_path, mosquitto.url, interval="0.5s", probes=probes)
+    with StandInCollector(mosquitto) as collector:
+        agent = AgentProcess(config, tmp_path).start()
+        assert collector.wait_for(lambda c: len(c.messages) >= 6, 15)
+        assert agent.terminate() == 0
+        with collector.lock:
+            messages = [e for kind, e in collector.messages if kind == "metrics"]
+    for envelope in messages:
+        names = sorted(s.measurement for s in envelope.samples if "probe" not in s.tags)
+        # one cycle, one message: the UPS read beside the other probes' samples and the agent point
+        assert names.count("ups") == names.count("agent") == names.count("net") >= 1, names
+
+
+def test_acks_waiting_together_are_applied_in_one_transaction(tmp_path):
+    from agent.agent import Agent
+    from agent.publisher import AckReceived
+
+    config = agent_config.load(write_config(tmp_path, "mqtt://127.0.0.1:9"))
+    agent = Agent(config)
+    try:
+        reading = Reading(time.time_ns(), time.clock_gettime_ns(time.CLOCK_BOOTTIME), "b", True)
+        for i in range(40):
+            agent.outbox.add([Sample("system", time.time_ns(), {"hub": HUB, "host": HOST}, {"load1": float(i)})],
+                             reading)
+            agent.outbox.pack(reading, force=True)
+        for seq in range(1, 41):
+            agent.events.put(AckReceived(wire.encode_ack([seq])))
+        commits = []
+        agent.outbox._conn.set_trace_callback(lambda sql: commits.append(sql) if sql == "COMMIT" else None)
+        agent._drain_events(0)
+        assert agent.outbox.stats().messages == 0
+        assert len(commits) == 1, "40 acks waiting together must cost one transaction (one fsync)"
+    finally:
+        agent.session.stop(timeout=0.5)
+        agent.outbox.close()
 
 
 class WrongClock:

@@ -31,6 +31,8 @@ def test_example_config_is_valid_and_has_the_contract_keys(tmp_path):
     assert cfg.mqtt.port == 1883 and not cfg.mqtt.tls and cfg.mqtt.topic_prefix == "hubwatch"
     assert cfg.mqtt.password == Secret("s3cret")
     assert cfg.buffer.max_mb == 256
+    # a minute of cycles shares a message: the wire budget (2 MB a day) holds by default
+    assert cfg.buffer.batch_max_age == 60 == agent_config.parse("hub: h\nprobes: {system: {}}\n", {}).buffer.batch_max_age
     assert [p.name for p in cfg.probes] == ["system", "network", "ping", "nut", "snmp_ups", "battery"]
 
 

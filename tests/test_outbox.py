@@ -100,6 +100,20 @@ def test_metrics_wait_for_age_or_size_but_events_go_at_once(tmp_path):
         assert outbox.pack(reading()) == []
 
 
+def test_metrics_that_cannot_be_sent_wait_until_they_fill_a_batch(tmp_path):
+    with Outbox(tmp_path / "o.db", HUB, HOST, batch_max_samples=50) as outbox:  # batch_max_age 0
+        outbox.add(net_samples(30), reading())
+        assert outbox.pack(reading(), metrics=False) == []                 # the link is down: they wait
+        outbox.add(net_samples(45, start=30), reading())
+        assert outbox.pack(reading(), metrics=False) == [(1, "metrics")]   # one full batch, the rest waits
+        assert outbox.stats().pending == 25
+        outbox.add(net_samples(1, start=99), reading(), kind="events")
+        assert outbox.pack(reading(), metrics=False) == [(2, "events")]    # power events go at once
+        assert outbox.pack(reading()) == [(3, "metrics")]                  # the link is back
+        sizes = [len(wire.decode(m.payload).samples) for m in outbox.messages_after(0, 10)]
+        assert sizes == [50, 1, 25]
+
+
 def test_the_cap_keeps_the_file_within_max_mb_and_counts_every_dropped_sample(tmp_path):
     path = tmp_path / "outbox.db"
     cap_mb = 1.0

@@ -359,7 +359,7 @@ hub: gilgit-sco-01
 host: gw01
 interval: 1s
 mqtt: {{url: "{broker_url}"}}
-buffer: {{path: {tmp_path}/outbox.db}}
+buffer: {{path: {tmp_path}/outbox.db, batch_max_age: 0s}}  # publish every cycle: the whole path runs
 probes:
   system: {{}}
   network: {{interfaces: ["eth*", "en*", "wl*", lo]}}
