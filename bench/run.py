@@ -27,10 +27,10 @@ BENCHMARKS = {
     "wire_bytes": ("Wire bytes per hub per day", []),
     "collector_throughput": ("Collector throughput into InfluxDB", []),
     "replay": ("Replay: draining a 24 h outbox backlog", []),
-    "alert_latency": ("Alert latency: UPS on battery to webhook", []),
-    "report_time": ("Report time", []),
+    "alert_latency": ("Alert latency: UPS on battery to webhook", ["--runs", "12"]),
+    "report_time": ("Report time", ["--repeat", "2"]),
     "fleet": ("Fleet simulation: 14 to 10,000 hubs and the saturation point",
-              ["--hubs", "14,1000,10000", "--push", "12500,15000", "--duration", "90", "--drain-timeout", "90"]),
+              ["--hubs", "14,1000,10000", "--push", "15000,20000,25000", "--duration", "60", "--drain-timeout", "60"]),
 }
 
 
