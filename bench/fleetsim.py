@@ -304,6 +304,7 @@ class Hub:
         self.outbox: dict[int, Message] = {}
         self.pending: list[Sample] = []  # committed, not yet packed into a message
         self.pending_since = 0.0
+        self.batch_phase = 0.0  # how far into a batch the agent already was when the run began
         self.urgent: deque[int] = deque()
         self.queue: deque[int] = deque()
         self.in_flight: dict[int, int] = {}   # packet id -> seq (0: not an outbox message)
@@ -386,7 +387,7 @@ class Hub:
     def commit(self, samples: list[Sample], now: float) -> None:
         """Samples into the outbox, waiting to be packed."""
         if not self.pending:
-            self.pending_since = now
+            self.pending_since, self.batch_phase = now - self.batch_phase, 0.0
         self.pending.extend(samples)
         self.sim.generated.update(s.measurement for s in samples)
 
@@ -733,6 +734,8 @@ class Simulator:
             hub.next_cycle = started + interval * i / len(order)
             hub.next_poll = started + (UPS_POLL_S * i / len(order))
             hub.last_poll = hub.next_poll
+            # agents that have been running a while are spread over their batch, too
+            hub.batch_phase = self.batch_max_age * rng.random()
         cycles, polls = deque(order), deque(sorted(order, key=lambda h: h.next_poll))
         stop_at = started + args.duration
         next_stats = started + args.stats_every
