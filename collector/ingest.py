@@ -1,12 +1,17 @@
 """MQTT -> InfluxDB ingest: acknowledge a message to the broker only once its points are stored.
 
-Flow control is MQTT 5's own: the collector announces a Receive Maximum, so the broker never
-has more than that many unacknowledged QoS 1 messages in flight to it, and since a message is
-acknowledged only after its points are written, an InfluxDB outage stops intake at that
-bound instead of filling memory. The broker keeps the rest in the persistent session.
+Flow control: the collector announces an MQTT 5 Receive Maximum (``ingest.receive_maximum``),
+but does not rely on the broker honouring it (mosquitto 2.0.11 does not under load). It holds
+at most that many unacknowledged messages itself: when the writer falls behind (InfluxDB down
+or slow), paho's network thread waits inside ``on_message`` and so stops taking messages off
+the socket; the rest stays queued at the broker, in the persistent session. While it waits it
+still sends what others queued (acks of written messages) and keepalive PINGs, so the broker
+keeps the connection (see :meth:`Collector._hold_intake`). That wait is the one place a
+network callback blocks, on purpose: it is the back-pressure.
 
-Threads: paho's network thread only queues what arrives (nothing blocks in a callback); one
-worker thread validates, batches, writes, then acknowledges to the broker and publishes the
+Threads: paho's network thread only queues what arrives (or waits, as above); the main thread
+validates and batches; two writer threads, each with its own connection to InfluxDB, write
+batches, then acknowledge to the broker (in the order the messages came) and publish the
 written ``seq``s back to each agent on its ``ack`` topic.
 """
 
@@ -37,6 +42,7 @@ from collector.validate import Converter, MessageRejected, check_envelope
 log = logging.getLogger(__name__)
 
 SUBSCRIBED_KINDS = ("metrics", "events", "status")
+WRITERS = 2
 
 
 @dataclass
@@ -57,14 +63,16 @@ class Batch:
     started: float = 0.0
     newest_ns: int = 0
     pokes: dict[str, Poke] = field(default_factory=dict)
+    turn: int = 0  # its place in the order of acknowledgements
 
-    def poke(self, hub: str, since_ns: int | None = None, urgent: bool = False) -> None:
-        """Tell the leader to look at this hub once the batch is stored."""
+    def poke(self, hub: str, since_ns: int | None = None, urgent: bool = False, online_only: bool = False) -> None:
+        """Tell the hub's leader to look at this hub once the batch is stored."""
         current = self.pokes.get(hub)
         if current is None:
-            self.pokes[hub] = Poke(hub, since_ns, urgent)
+            self.pokes[hub] = Poke(hub, since_ns, urgent, online_only)
             return
         current.urgent = current.urgent or urgent
+        current.online_only = current.online_only and online_only
         if since_ns is not None and (current.since_ns is None or since_ns < current.since_ns):
             current.since_ns = since_ns
 
@@ -87,6 +95,17 @@ class Stats:
         self.write_failures = 0
 
 
+def _queue_ping(client: mqtt.Client) -> None:
+    """Queue a PINGREQ for the broker without arming paho's own wait for its PINGRESP
+    (``_send_pingreq`` would: the answer sits behind unread messages, and paho would then
+    give up on the connection as soon as its loop resumes). Uses paho-mqtt 2.x's internal
+    ``_packet_queue``; without it, no ping: at worst the broker drops the connection and the
+    unacknowledged messages are redelivered after the reconnection."""
+    queue_packet = getattr(client, "_packet_queue", None)
+    if queue_packet is not None:
+        queue_packet(mqtt.PINGREQ, bytearray([mqtt.PINGREQ, 0]), 0, 0)
+
+
 class Collector:
     def __init__(self, config: CollectorConfig):
         self.config = config
@@ -96,12 +115,23 @@ class Collector:
         self._generation = 0
         self._connected = threading.Event()
         self._fatal: str | None = None
-        self._writer = make_writer(config.influxdb)
+        # Two writers, each with its own connection: InfluxDB parses one batch while the next
+        # is compressed and sent, instead of each batch waiting for the previous round trip.
+        self._writers = [make_writer(config.influxdb) for _ in range(WRITERS)]
+        self._stats_lock = threading.Lock()
+        self._turns = 0  # batches handed to the writers
+        self._acked_turns = 0  # batches acknowledged, in the order they were handed over
+        self._turn_changed = threading.Condition()
+        self._ack_infos: dict[int, list] = {}
         self._dead = DeadLetters(config.dead_letter.path, config.dead_letter.max_mb)
         self._highest_seq: dict[tuple[str, str], int] = {}
         self._converter = Converter()
         self._pending: queue.Queue[Batch | None] = queue.Queue(maxsize=2)
-        self._writer_thread = threading.Thread(target=self._write_loop, name="writer", daemon=True)
+        # messages taken off the socket and not yet finished (written, or given up on stop)
+        self._held = 0
+        self._held_changed = threading.Condition()
+        self._writer_threads = [threading.Thread(target=self._write_loop, args=(w,), name=f"writer-{i}", daemon=True)
+                                for i, w in enumerate(self._writers, 1)]
         self._control_prefixes = (f"{config.mqtt.topic_prefix}/collectors/", f"{config.alerts.topic}/")
         self._boots: dict[tuple[str, str], float] = {}
         self.cluster = Cluster(config.instance, config.mqtt.topic_prefix)
@@ -173,12 +203,52 @@ class Collector:
             if message.qos:
                 client.ack(message.mid, message.qos)
             return
+        self._hold_intake(client)
         self._inbox.put(Incoming(message.mid, message.qos, message.topic, message.payload,
                                  self._generation, time.time()))
 
+    def _hold_intake(self, client: mqtt.Client) -> None:
+        """Count one more held message, first waiting (on paho's network thread, so nothing
+        more is read off the socket) while ``receive_maximum`` messages are already held.
+
+        While paho's thread waits here, its loop is ours: nothing else reads or writes the
+        socket, so we send what other threads queued (``loop_write``: acks of written
+        messages) and a PINGREQ every half keepalive, since paho's own keepalive timer does
+        not run meanwhile and the broker drops a client silent for 1.5 keepalives. A
+        connection lost while waiting ends the wait: after the reconnection the broker
+        redelivers whatever was not acknowledged.
+        """
+        bound = self.config.ingest.receive_maximum
+        ping_every = max(1.0, self.config.mqtt.keepalive / 2)
+        began = last_ping = time.monotonic()
+        lost = logged = False
+        while True:
+            with self._held_changed:
+                if self._held < bound or lost or self._stop.is_set():
+                    self._held += 1
+                    break
+                self._held_changed.wait(0.5)
+            if not logged and time.monotonic() - began >= 1.0:  # a stall, not a batch being written
+                log.warning("intake paused: %d messages held unacknowledged until InfluxDB catches up; "
+                            "the broker keeps the rest", self._held)
+                logged = True
+            if time.monotonic() - last_ping >= ping_every:
+                _queue_ping(client)
+                last_ping = time.monotonic()
+            lost = client.loop_write() not in (mqtt.MQTT_ERR_SUCCESS, mqtt.MQTT_ERR_AGAIN)
+        if logged:
+            log.info("intake resumed after %.1fs", time.monotonic() - began)
+
+    def _release(self, count: int) -> None:
+        """``count`` held messages are finished: let intake go on."""
+        with self._held_changed:
+            self._held -= count
+            self._held_changed.notify_all()
+
     # --- processing ------------------------------------------------------------------------
     def _reject(self, topic_name: str, reason: str, detail: str, payload: bytes | str | None) -> None:
-        self.stats.rejected[reason] += 1
+        with self._stats_lock:
+            self.stats.rejected[reason] += 1
         log.warning("rejected %s: %s: %s", topic_name, reason, detail)
         self._dead.add(topic_name, reason, detail, payload)
 
@@ -201,7 +271,7 @@ class Collector:
             batch.lines.append(format_line("status", {"hub": where.hub, "host": where.host},
                                            {"state": state, "online": state == "online"},
                                            int(item.received_at * 1e9)))
-            batch.poke(where.hub, urgent=True)
+            batch.poke(where.hub, urgent=True, online_only=state == "online")
             return
         if where.kind not in ("metrics", "events"):
             return
@@ -231,7 +301,8 @@ class Collector:
         params = self.config.outages.params
         if where.kind == "events":
             batch.poke(where.hub, urgent=True)
-        late_ns = int(received_at * 1e9) - int(3 * params.agent_interval_s * 1e9)
+        # An agent's newest samples are up to batch_max_age + an interval old when they leave.
+        late_ns = int(received_at * 1e9) - int((3 * params.agent_interval_s + params.agent_batch_max_age_s) * 1e9)
         if oldest_ns < late_ns:  # replayed from an outbox: outages of that time may change
             batch.poke(where.hub, since_ns=oldest_ns)
         for s in samples:
@@ -249,49 +320,65 @@ class Collector:
             elif m == "ups" and s["f"].get("on_battery") is True:
                 batch.poke(where.hub)
 
-    def _write(self, lines: list[str]) -> bool:
+    def _write(self, writer, lines: list[str]) -> bool:
         """Write until it works or we are told to stop; True when written."""
         delay = 0.5
         while True:
             started = time.monotonic()
             try:
-                outcome = self._writer.write(lines)
+                outcome = writer.write(lines)
             except (InfluxUnavailable, InfluxRefused) as exc:
-                self.stats.write_failures += 1
-                log.warning("%s; retrying in %.1fs (%d points held)", exc, delay, len(lines))
+                with self._stats_lock:
+                    self.stats.write_failures += 1
+                log.warning("%s; retrying in %.1fs (%d points held, %d messages held unacknowledged)",
+                            exc, delay, len(lines), self._held)
                 if self._heartbeat.wait(self._stop, delay * random.uniform(0.5, 1.0)):
                     return False
                 delay = min(delay * 2, self.config.ingest.max_retry_delay)
                 continue
-            self.stats.write_seconds += time.monotonic() - started
-            self.stats.writes += 1
-            self.stats.written += outcome.written
+            with self._stats_lock:
+                self.stats.write_seconds += time.monotonic() - started
+                self.stats.writes += 1
+                self.stats.written += outcome.written
+                if outcome.dropped_unidentified:
+                    self.stats.rejected["influx_partial"] += outcome.dropped_unidentified
             for rejected in outcome.rejected:
                 self._reject("(influxdb)", rejected.reason, rejected.detail, rejected.line)
-            if outcome.dropped_unidentified:
-                self.stats.rejected["influx_partial"] += outcome.dropped_unidentified
             return True
 
     def _flush(self, batch: Batch) -> None:
-        """Hand a full batch to the writer thread: the worker goes on validating the next one
-        while this one is written (InfluxDB works on the other core). At most two batches wait,
-        so an InfluxDB outage stops intake instead of filling memory."""
+        """Hand a full batch to the writers: the main thread goes on validating the next one
+        while this one is written. At most two batches wait, so an InfluxDB outage stops
+        intake instead of filling memory."""
+        batch.turn = self._turns
         while not self._stop.is_set():
             try:
                 self._pending.put(batch, timeout=0.5)
+                self._turns += 1
                 return
             except queue.Full:
                 self._heartbeat.beat()
         # stopping while InfluxDB is down: nothing acked, the broker redelivers it all
 
-    def _write_loop(self) -> None:
+    def _write_loop(self, writer) -> None:
         while (batch := self._pending.get()) is not None:
-            self._complete(batch)
+            try:
+                self._complete(writer, batch)
+            finally:
+                with self._turn_changed:  # the next batch's acks may go
+                    self._acked_turns = max(self._acked_turns, batch.turn + 1)
+                    self._turn_changed.notify_all()
+                self._release(len(batch.messages))
 
-    def _complete(self, batch: Batch) -> None:
-        """Write a batch, then acknowledge its messages and tell the agents and the leader."""
-        if batch.lines and not self._write(batch.lines):
+    def _complete(self, writer, batch: Batch) -> None:
+        """Write a batch, then acknowledge its messages and tell the agents and the leader.
+        Acknowledgements leave in the order the messages arrived (MQTT wants PUBACKs in
+        order), so a batch written before the one handed over ahead of it waits for it."""
+        if batch.lines and not self._write(writer, batch.lines):
             return  # stopping with InfluxDB down: nothing acked, the broker keeps it all
+        with self._turn_changed:
+            while self._acked_turns < batch.turn and not self._stop.is_set():
+                self._turn_changed.wait(0.5)
         self.stats.last_batch = len(batch.lines)
         if batch.newest_ns:
             self.stats.lag_seconds = max(0.0, time.time() - batch.newest_ns / 1e9)
@@ -301,8 +388,8 @@ class Collector:
             if item.qos > 0 and item.generation == self._generation:
                 self._client.ack(item.mid, item.qos)
         prefix = self.config.mqtt.topic_prefix
-        self._ack_infos = [self._client.publish(topic(prefix, hub, host, "ack"), encode_ack(seqs), qos=1)
-                           for (hub, host), seqs in batch.acks.items()]
+        self._ack_infos[id(writer)] = [self._client.publish(topic(prefix, hub, host, "ack"), encode_ack(seqs), qos=1)
+                                       for (hub, host), seqs in batch.acks.items()]
         for poke in batch.pokes.values():  # stored now: the leader may look
             self._client.publish(self.cluster.poke_topic, poke.to_bytes(), qos=1)
 
@@ -352,10 +439,14 @@ class Collector:
         self._client.loop_start()
         engine_thread = threading.Thread(target=self.engine.run, args=(self._stop,), name="engine", daemon=True)
         engine_thread.start()
-        self._writer_thread.start()
+        for thread in self._writer_threads:
+            thread.start()
         sdnotify.status(f"connecting to {cfg.mqtt.host}:{cfg.mqtt.port}")
         batch = Batch()
         next_stats = time.monotonic() + ingest.stats_interval
+        # Half the intake bound: small messages must not fill it while a batch waits for its
+        # time limit (intake would stall until then).
+        most_messages = max(1, ingest.receive_maximum // 2)
         ready = False
         try:
             while not self._stop.is_set():
@@ -377,12 +468,13 @@ class Collector:
                         batch.started = time.monotonic()
                     self._take(item, batch)
                     # drain what is already waiting without sleeping, up to the batch size
-                    while len(batch) < ingest.batch_max_points:
+                    while len(batch) < ingest.batch_max_points and len(batch.messages) < most_messages:
                         try:
                             self._take(self._inbox.get_nowait(), batch)
                         except queue.Empty:
                             break
                 due = batch.messages and (len(batch) >= ingest.batch_max_points
+                                          or len(batch.messages) >= most_messages
                                           or time.monotonic() >= batch.started + ingest.batch_max_delay)
                 if time.monotonic() >= next_stats:
                     batch.lines.extend(self._stats_lines())
@@ -411,22 +503,24 @@ class Collector:
         deadline.start()
         if batch.messages:
             self._flush(batch)
-        self._pending.put(None)
-        if self._writer_thread.is_alive():
-            self._writer_thread.join(12.0)
+        for _ in self._writer_threads:
+            self._pending.put(None)
+        for thread in self._writer_threads:
+            if thread.is_alive():
+                thread.join(12.0)
         deadline.cancel()
         self._stop = stopping
         self.engine.close()
         leave = self._client.publish(self.cluster.my_topic, b"", qos=1, retain=True)  # no longer a member
-        self._ack_infos = getattr(self, "_ack_infos", []) + [leave]
-        for info in self._ack_infos:  # let the last acks to agents leave
+        for info in [*(i for infos in self._ack_infos.values() for i in infos), leave]:  # let the last acks leave
             try:
                 info.wait_for_publish(2.0)
             except (RuntimeError, ValueError):
                 break
         self._client.disconnect()
         self._client.loop_stop()
-        self._writer.close()
+        for writer in self._writers:
+            writer.close()
         log.info("collector stopped: received=%d written=%d rejected=%d",
                  self.stats.received, self.stats.written, sum(self.stats.rejected.values()))
 

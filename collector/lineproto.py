@@ -15,11 +15,13 @@ the validator rejects such points before they reach a batch.
 from __future__ import annotations
 
 import math
+import re
 from typing import Mapping
 
 _MEASUREMENT = str.maketrans({",": r"\,", " ": r"\ "})
 _KEY = str.maketrans({",": r"\,", "=": r"\=", " ": r"\ "})
 _STRING = str.maketrans({'"': r"\"", "\\": r"\\"})
+_CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
 INT64_MIN, INT64_MAX = -(2**63), 2**63 - 1
 
@@ -51,7 +53,7 @@ def unwritable(text: str, is_tag_value: bool = False) -> str | None:
     """Why ``text`` cannot be carried by line protocol, or None when it can."""
     if "\n" in text or "\r" in text:
         return "contains a newline"
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in text):
+    if _CONTROL.search(text):
         return "contains a control character"
     if is_tag_value and text.endswith("\\"):
         return "ends in a backslash"

@@ -97,7 +97,7 @@ def count_points(influx, db: str, measurement: str, where: str = "") -> int:
     rows = influx.rows(f'SELECT count(*) FROM "{measurement}" {where}', db=db)
     if not rows:
         return 0
-    return max(v for k, v in rows[0].items() if k.startswith("count_"))
+    return max((v for k, v in rows[0].items() if k.startswith("count_") and v is not None), default=0)
 
 
 def agent_command(config: Path) -> list[str]:
