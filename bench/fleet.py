@@ -676,6 +676,7 @@ def verdicts(results: list[RunResult], direct: dict[str, float] | None, basis: R
                      f"{r.machine_cpu:.0f}% of {100 * (os.cpu_count() or 1)}%, the busiest process {busiest[0]} at "
                      f"{_f(busiest[1], 0)}% of a core; the collectors' queue reached {_f(r.collector_queue_max, 0)} "
                      f"messages and {r.resent:,} messages were resent by the hubs.")
+        lines.append(f"- **Saturated first at {r.hubs:,} hubs: {first_saturated(r)}**")
     sustained = [r for r in results if r.sustained]
     if sustained:
         best = max(sustained, key=lambda r: r.hubs)
@@ -686,6 +687,26 @@ def verdicts(results: list[RunResult], direct: dict[str, float] | None, basis: R
                      "premise is about 0.4× of it). Here the broker, the collectors, influxd and the simulators share "
                      "two cores; see docs/scaling.md.")
     return lines
+
+
+def first_saturated(r: RunResult) -> str:
+    """Which part ran out first in a run that was not sustained, from its CPU and the
+    simulators' schedule: a one-thread part near a whole core, influxd near every core, else
+    the machine; the simulators when they could not keep their own schedule."""
+    cores = os.cpu_count() or 1
+    sims = sum(v for k, v in r.cpu.items() if k.startswith("simulator"))
+    single = [(k, v) for k, v in r.cpu.items() if (k == "mosquitto" or k.startswith("collector")) and v >= 85]
+    if single:
+        name, cpu = max(single, key=lambda kv: kv[1])
+        return f"{name}, at {cpu:.0f}% of its one core."
+    if r.cpu.get("influxd", 0) >= 85 * cores:
+        return f"influxd, at {r.cpu['influxd']:.0f}% of the {100 * cores}%."
+    if r.slip_p99 > 1.0:
+        return (f"the simulator itself: the machine's cores ran out ({r.machine_cpu:.0f}% of {100 * cores}%) and the "
+                f"simulator processes ({sims:.0f}% in all) fell behind their schedule (slip p99 {r.slip_p99:.1f} s), "
+                "while no central part was near its own limit (mosquitto, each collector: one core; influxd: all).")
+    return (f"the machine's CPU ({r.machine_cpu:.0f}% of {100 * cores}%), shared by every part, none of them near "
+            "its own limit.")
 
 
 def auto_collectors(hubs: int) -> int:
