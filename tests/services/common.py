@@ -119,6 +119,62 @@ class ServiceProcess:
         self.stop()
 
 
+class ManagedService:
+    """A service handle around one :class:`ServiceProcess` (``self.process``) listening on
+    ``self.host``/``self.port``: ``start()`` (or start again, on the same data) returns once
+    ``ready()`` holds; ``stop()`` is a clean shutdown (SIGTERM), ``kill()`` a crash (SIGKILL).
+    A subclass sets ``process``, ``host`` and ``port``, and defines ``ready()`` and
+    ``ready_what`` (for the error when it never gets ready)."""
+
+    process: ServiceProcess
+    host: str
+    port: int
+    start_timeout = 20.0
+
+    def ready(self) -> bool:
+        raise NotImplementedError
+
+    @property
+    def ready_what(self) -> str:
+        return "ready"
+
+    def _after_start(self) -> None:
+        """Set-up that needs the running service (once per start)."""
+
+    @property
+    def pid(self) -> int | None:
+        return self.process.proc.pid if self.process.proc is not None else None
+
+    @property
+    def running(self) -> bool:
+        return self.process.running
+
+    @property
+    def log_path(self) -> Path:
+        return self.process.log_path
+
+    def log_tail(self, lines: int = 30) -> str:
+        return self.process.log_tail(lines)
+
+    def start(self, timeout: float | None = None):
+        if self.process.running:
+            return self
+        self.process.start()
+        self.process.wait_until(self.ready, self.start_timeout if timeout is None else timeout, self.ready_what)
+        self._after_start()
+        return self
+
+    def stop(self) -> None:
+        self.process.stop()
+
+    def kill(self) -> None:
+        self.process.kill()
+
+    def restart(self):
+        self.stop()
+        return self.start()
+
+
 class ServiceFactory:
     """Starts services of one kind, each in its own sub-directory of ``base_dir``; ``close()``
     stops them all. ``make(directory, **options)`` builds one (not yet started)."""

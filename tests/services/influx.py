@@ -37,7 +37,7 @@ from typing import Any, Iterable, Iterator
 
 import pytest
 
-from tests.services.common import LOOPBACK, ServiceFactory, ServiceProcess, free_port
+from tests.services.common import LOOPBACK, ManagedService, ServiceFactory, ServiceProcess, free_port
 
 INFLUXD = "/usr/bin/influxd"
 
@@ -61,7 +61,7 @@ def _http(method: str, url: str, body: bytes | None = None, headers: dict[str, s
             return error.code, error.read()
 
 
-class InfluxServer:
+class InfluxServer(ManagedService):
     """One ``influxd`` process, everything it stores under ``data_root``."""
 
     def __init__(self, data_root: Path, *, auth: bool = False, admin_user: str = "admin",
@@ -126,50 +126,23 @@ bind-address = {q(f"{self.host}:{self.rpc_port}")}
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    @property
-    def pid(self) -> int | None:
-        return self.process.proc.pid if self.process.proc is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self.process.running
-
-    @property
-    def log_path(self) -> Path:
-        return self.process.log_path
-
-    def log_tail(self, lines: int = 30) -> str:
-        return self.process.log_tail(lines)
-
     def ping(self) -> bool:
         status, _ = _http("GET", f"{self.url}/ping", timeout=0.5)
         return status == 204
 
-    def start(self, timeout: float = 20.0) -> "InfluxServer":
-        """Start (or start again on the same data) and return once ``/ping`` answers 204."""
-        if self.process.running:
-            return self
-        self.process.start()
-        self.process.wait_until(self.ping, timeout, f"answering GET {self.url}/ping with 204")
+    ready = ping
+
+    @property
+    def ready_what(self) -> str:
+        return f"answering GET {self.url}/ping with 204"
+
+    def _after_start(self) -> None:
         if self.auth and not self._admin_created:
             # With auth on and no users yet, influxd accepts exactly this statement unauthenticated.
             self._request("POST", "/query", {"q": f"CREATE USER {_ident(self.username)} WITH PASSWORD "
                                                    f"{_string(self.password)} WITH ALL PRIVILEGES"},
                           credentials=False)
             self._admin_created = True
-        return self
-
-    def stop(self) -> None:
-        """Clean shutdown (SIGTERM)."""
-        self.process.stop()
-
-    def kill(self) -> None:
-        """A crash (SIGKILL): influxd recovers from its WAL on the next start."""
-        self.process.kill()
-
-    def restart(self) -> "InfluxServer":
-        self.stop()
-        return self.start()
 
     def _request(self, method: str, path: str, params: dict[str, str], body: bytes | None = None,
                  credentials: bool = True, expect: tuple[int, ...] = (200, 204)) -> bytes:

@@ -55,7 +55,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
-from tests.services.common import LOOPBACK, ServiceError, ServiceFactory, ServiceProcess, free_port
+from tests.services.common import LOOPBACK, ManagedService, ServiceError, ServiceFactory, ServiceProcess, free_port
 
 MOSQUITTO = "/usr/sbin/mosquitto"
 MOSQUITTO_PASSWD = "/usr/bin/mosquitto_passwd"
@@ -85,7 +85,7 @@ def mqtt_connack(port: int, host: str = LOOPBACK, timeout: float = 0.5) -> int |
     return reply[3] if reply[0] == 0x20 else None
 
 
-class MosquittoBroker:
+class MosquittoBroker(ManagedService):
     """One mosquitto process, its config and persistence in ``config_dir``.
 
     ``stop()`` then ``start()`` brings it back on the same port with the same persistence
@@ -146,41 +146,15 @@ class MosquittoBroker:
     def url(self) -> str:
         return f"mqtt://{self.host}:{self.port}"
 
-    @property
-    def log_path(self) -> Path:
-        return self.process.log_path
+    start_timeout = 10.0
+
+    def ready(self) -> bool:
+        """A CONNECT gets a CONNACK."""
+        return mqtt_connack(self.port) is not None
 
     @property
-    def pid(self) -> int | None:
-        return self.process.proc.pid if self.process.proc is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self.process.running
-
-    def log_tail(self, lines: int = 30) -> str:
-        return self.process.log_tail(lines)
-
-    def start(self, timeout: float = 10.0) -> "MosquittoBroker":
-        """Start (or start again) and return once a CONNECT gets a CONNACK."""
-        if self.process.running:
-            return self
-        self.process.start()
-        self.process.wait_until(lambda: mqtt_connack(self.port) is not None, timeout,
-                                f"answering MQTT on {self.host}:{self.port}")
-        return self
-
-    def stop(self) -> None:
-        """A clean shutdown (SIGTERM): mosquitto writes its persistence file first."""
-        self.process.stop()
-
-    def kill(self) -> None:
-        """A crash (SIGKILL): messages since the last autosave are lost."""
-        self.process.kill()
-
-    def restart(self) -> "MosquittoBroker":
-        self.stop()
-        return self.start()
+    def ready_what(self) -> str:
+        return f"answering MQTT on {self.host}:{self.port}"
 
     @property
     def persistence_file(self) -> Path:

@@ -42,7 +42,7 @@ from typing import Any, Callable, Iterable, Iterator
 
 import pytest
 
-from tests.services.common import LOOPBACK, ServiceFactory, ServiceProcess, free_port
+from tests.services.common import LOOPBACK, ManagedService, ServiceFactory, ServiceProcess, free_port
 
 VICTORIA_METRICS = "/usr/bin/victoria-metrics"
 
@@ -51,7 +51,7 @@ class VictoriaError(RuntimeError):
     """VictoriaMetrics answered with an error, or data did not show up in time."""
 
 
-class VictoriaMetrics:
+class VictoriaMetrics(ManagedService):
     """One ``victoria-metrics`` process, its storage in ``data_root/storage``."""
 
     def __init__(self, data_root: Path, *, retention: str = "100y", extra_args: Iterable[str] = ()):
@@ -77,21 +77,6 @@ class VictoriaMetrics:
     def url(self) -> str:
         return f"http://{self.host}:{self.port}"
 
-    @property
-    def pid(self) -> int | None:
-        return self.process.proc.pid if self.process.proc is not None else None
-
-    @property
-    def running(self) -> bool:
-        return self.process.running
-
-    @property
-    def log_path(self) -> Path:
-        return self.process.log_path
-
-    def log_tail(self, lines: int = 30) -> str:
-        return self.process.log_tail(lines)
-
     def _get(self, path: str, params: dict[str, Any] | None = None, timeout: float = 10.0) -> bytes:
         url = f"{self.url}{path}"
         if params:
@@ -107,25 +92,11 @@ class VictoriaMetrics:
     def healthy(self) -> bool:
         return self._get("/health", timeout=0.5).strip() == b"OK"
 
-    def start(self, timeout: float = 20.0) -> "VictoriaMetrics":
-        """Start (or start again on the same storage) and return once ``/health`` says OK."""
-        if self.process.running:
-            return self
-        self.process.start()
-        self.process.wait_until(self.healthy, timeout, f"healthy at {self.url}/health")
-        return self
+    ready = healthy
 
-    def stop(self) -> None:
-        """Clean shutdown (SIGTERM): buffered points are written to disk first."""
-        self.process.stop()
-
-    def kill(self) -> None:
-        """A crash (SIGKILL)."""
-        self.process.kill()
-
-    def restart(self) -> "VictoriaMetrics":
-        self.stop()
-        return self.start()
+    @property
+    def ready_what(self) -> str:
+        return f"healthy at {self.url}/health"
 
     def flush(self) -> None:
         """Ask the storage to make buffered points searchable (they may still need ~1 s)."""
