@@ -61,3 +61,14 @@ def pytest_collection_modifyitems(config, items):
     selected = config.getoption("keyword") or config.getoption("markexpr") or config.getoption("lf", False)
     explicit = [a for a in config.args if a not in ("tests", "tests/", str(config.rootpath / "tests"))]
     FULL_SUITE["value"] = not selected and not explicit
+    if not FULL_SUITE["value"]:
+        # Judged over the whole suite only: on a partial run they are left out (deselected,
+        # as -k would), not run against a partial record.
+        partial = [i for i in items if i.get_closest_marker("whole_suite")]
+        if partial:
+            config.hook.pytest_deselected(items=partial)
+            items[:] = [i for i in items if i not in partial]
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "whole_suite: judged over the whole suite; deselected on a partial run")

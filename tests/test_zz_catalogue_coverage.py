@@ -8,16 +8,11 @@ import pytest
 
 from agent import probes
 from agent.catalogue import MEASUREMENTS
-from tests.conftest import EMITTED, FULL_SUITE
+from tests.conftest import EMITTED
 
 
-@pytest.fixture
-def whole_suite():
-    if not FULL_SUITE["value"]:
-        pytest.skip("catalogue coverage is judged over the whole suite; run `make test`")
-
-
-def test_every_declared_field_is_emitted_by_some_test(whole_suite):
+@pytest.mark.whole_suite
+def test_every_declared_field_is_emitted_by_some_test():
     from agent.catalogue import COLLECTOR_MEASUREMENTS
     emitted = {(s.measurement, f) for s in EMITTED for f in s.fields}
     declared = {(m, f) for m, spec in MEASUREMENTS.items() for f in spec.fields if m not in COLLECTOR_MEASUREMENTS}
@@ -25,7 +20,8 @@ def test_every_declared_field_is_emitted_by_some_test(whole_suite):
     assert not missing, f"declared in the catalogue but emitted by no test: {missing}"
 
 
-def test_every_emitted_measurement_is_declared_by_a_probe(whole_suite):
+@pytest.mark.whole_suite
+def test_every_emitted_measurement_is_declared_by_a_probe():
     declared_by = {}
     for name in probes.REGISTRY:
         for measurement in probes.probe_class(name).measurements:
