@@ -76,16 +76,14 @@ class Cluster:
             members = sorted(self._members)
             return members.index(self.instance), len(members)
 
-    def is_leader(self) -> bool:
-        """True when this instance leads some hubs' outages and alerts (its share)."""
-        return self.share() is not None
-
     @staticmethod
     def owner_index(hub: str, count: int) -> int:
         return zlib.crc32(hub.encode()) % count
 
-    def owns(self, hub: str) -> bool:
-        share = self.share()
+    def owns(self, hub: str, share: tuple[int, int] | None = None) -> bool:
+        """Whether this instance leads ``hub``; ``share``: one already read from :meth:`share`
+        (a loop over many hubs reads it once)."""
+        share = share or self.share()
         return share is not None and self.owner_index(hub, share[1]) == share[0]
 
 
@@ -150,7 +148,7 @@ class Engine:
         except (ValueError, KeyError, TypeError):
             log.warning("ignoring unreadable alert state on %s", topic)
             return
-        if self._mine(state.hub):
+        if self.cluster.owns(state.hub):
             self.active.setdefault(state.key, state)  # ours: what this instance holds is newer
         else:
             self.active[state.key] = state  # its leader's latest, should the hub become ours
@@ -202,7 +200,7 @@ class Engine:
                     hubs = set(self._watch) | {s.hub for s in self.active.values()}
                 else:
                     hubs = urgent
-                hubs = {h for h in hubs if self._mine(h, share)}
+                hubs = {h for h in hubs if self.cluster.owns(h, share)}
                 if self.config.alerts.enabled and hubs:
                     self.evaluate(sorted(hubs))
                 if now - self._last_sweep >= self.SILENCE_SWEEP_S:
@@ -228,10 +226,6 @@ class Engine:
         self._ongoing.update(tags["hub"] for tags, rows in series_rows(result) if rows and tags.get("hub"))
         return True
 
-    def _mine(self, hub: str, share: tuple[int, int] | None = None) -> bool:
-        share = share or self.cluster.share()
-        return share is not None and Cluster.owner_index(hub, share[1]) == share[0]
-
     def _recompute_outages(self, now: float) -> None:
         cfg = self.config.outages
         share = self.cluster.share()
@@ -243,7 +237,7 @@ class Engine:
         for hub in list(self._dirty):
             if time.monotonic() >= budget_end:
                 break  # the rest on the next pass, after any new pokes
-            if not self._mine(hub, share):
+            if not self.cluster.owns(hub, share):
                 continue  # another instance's (kept: it may become ours if an instance leaves)
             if now - self._last_recompute.get(hub, 0.0) < cfg.recompute_interval:
                 continue
@@ -336,7 +330,7 @@ class Engine:
             if not rows:
                 continue
             key = (tags.get("hub", ""), tags.get("host", ""))
-            if not self._mine(key[0], share):
+            if not self.cluster.owns(key[0], share):
                 continue
             last_seen = rows[0]["time"]
             state = states.get(key, {}).get("state")
