@@ -162,6 +162,20 @@ def smtp(tmp_path):
     controller.stop()
 
 
+def email_notifier(smtp, secret_dir) -> str:
+    """The ``alerts.notifiers`` entry for the SMTP fixture (STARTTLS, login from a password file)."""
+    (secret_dir / "smtp.password").write_text("smtp-secret\n")
+    return f"""    - type: email
+      host: 127.0.0.1
+      port: {smtp.port}
+      username: alerts
+      password_file: {secret_dir / 'smtp.password'}
+      from: hubwatch@example.org
+      to: [duty@example.org]
+      ca_file: {smtp.cert}
+"""
+
+
 def alerts_config(webhook, smtp=None, debounce="2s", secret_dir=None) -> str:
     text = f"""outages:
   agent_interval: 1s
@@ -175,16 +189,7 @@ alerts:
       url: {webhook.url}
 """
     if smtp is not None:
-        (secret_dir / "smtp.password").write_text("smtp-secret\n")
-        text += f"""    - type: email
-      host: 127.0.0.1
-      port: {smtp.port}
-      username: alerts
-      password_file: {secret_dir / 'smtp.password'}
-      from: hubwatch@example.org
-      to: [duty@example.org]
-      ca_file: {smtp.cert}
-"""
+        text += email_notifier(smtp, secret_dir)
     return text
 
 

@@ -18,7 +18,7 @@ from agent.catalogue import MEASUREMENTS
 from tests.collector_harness import start_agent, start_collector, wait_for
 from agent.outbox import read_stats
 from tests.services.proxy import TcpProxy
-from tests.test_alerts import Webhook, smtp  # noqa: F401  (smtp: a real SMTP server fixture)
+from tests.test_alerts import Webhook, email_notifier, smtp  # noqa: F401  (smtp: a real SMTP server fixture)
 
 REPO = Path(__file__).resolve().parent.parent
 DUMP = REPO.parent / "shared" / "data" / "nut-ddl" / "APC" / "APC__Back-UPS_RS_800__usbhid-ups__2.2.2__01.dev"
@@ -83,16 +83,7 @@ def scenario_config(webhook: Webhook, smtp=None, secret_dir: Path | None = None,
     rule_lines = "\n".join(f"    {name}: {json.dumps(v)}" for name, v in rules.items())
     email = ""
     if smtp is not None:
-        (secret_dir / "smtp.password").write_text("smtp-secret\n")
-        email = f"""    - type: email
-      host: 127.0.0.1
-      port: {smtp.port}
-      username: alerts
-      password_file: {secret_dir / 'smtp.password'}
-      from: hubwatch@example.org
-      to: [duty@example.org]
-      ca_file: {smtp.cert}
-"""
+        email = email_notifier(smtp, secret_dir)
     return f"""outages:
   agent_interval: 1s
   agent_batch_max_age: 0s
@@ -299,6 +290,16 @@ def seq_gaps(influx) -> int:
     return got[0]["gaps"] if got else -1
 
 
+def assert_stored_or_held(influx, db) -> None:
+    """After the agent stopped: every sample it committed is in InfluxDB, or still in its
+    outbox for the next start, and InfluxDB holds nothing more."""
+    from tests.test_agent_run import ever_committed
+    held = read_stats(db).samples
+    wait_for(lambda: stored_samples(influx) + held >= ever_committed(db), 30, "stored + held >= committed",
+             explain=lambda: f"{stored_samples(influx)} stored + {held} held, {ever_committed(db)} committed")
+    assert stored_samples(influx) <= ever_committed(db), "InfluxDB holds points no sample accounts for"
+
+
 def test_broker_down_and_agent_killed_three_times_every_sample_lands_once(tmp_path, mosquitto_factory, influx):
     from tests.test_agent_run import ever_committed
     broker = mosquitto_factory(extra_config=["max_queued_messages 10000000"])
@@ -318,10 +319,7 @@ def test_broker_down_and_agent_killed_three_times_every_sample_lands_once(tmp_pa
     # every committed sample is in InfluxDB exactly once, or still in the outbox for the next start
     # (a message stored just before the stop may still be held: its ack came too late; it is
     # sent again on the next start and overwrites the same points)
-    held = read_stats(db).samples
-    wait_for(lambda: stored_samples(influx) + held >= ever_committed(db), 30, "stored + held >= committed",
-             explain=lambda: f"{stored_samples(influx)} stored + {held} held, {ever_committed(db)} committed")
-    assert stored_samples(influx) <= ever_committed(db), "InfluxDB holds points no sample accounts for"
+    assert_stored_or_held(influx, db)
     wait_for(lambda: seq_gaps(influx) == 0, 15, "the collector's count of seq gaps: none")
 
 
@@ -340,7 +338,4 @@ def test_broker_killed_mid_stream_loses_nothing(tmp_path, mosquitto_factory, inf
              explain=lambda: f"{stored_samples(influx)} stored, {ever_committed(db)} committed")
     agent.stop()
     # every committed sample is in InfluxDB, or still in the outbox waiting for the next start
-    held = read_stats(db).samples
-    wait_for(lambda: stored_samples(influx) + held >= ever_committed(db), 30, "stored + held >= committed",
-             explain=lambda: f"{stored_samples(influx)} stored + {held} held, {ever_committed(db)} committed")
-    assert stored_samples(influx) <= ever_committed(db), "InfluxDB holds points no sample accounts for"
+    assert_stored_or_held(influx, db)
